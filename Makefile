@@ -1,0 +1,40 @@
+# churn: `make run` runs the pipeline on the bundled data, `make test` runs the tests.
+# Both create .venv and install the locked dependencies first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+export UV_COMPILE_BYTECODE := 1
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint check clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml uv.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.9"
+	$(BIN)/uv sync --frozen --inexact
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv with the locked dependencies (incl. dev tools)
+
+run: install ## Run the whole pipeline (dvc repro) on the data named in params.yaml
+	dvc repro
+
+test: install ## Run the test suite
+	pytest
+
+lint: install ## ruff lint and format check
+	ruff check src tests
+	ruff format --check src tests
+
+check: lint test ## Everything CI runs
+
+clean: ## Remove generated data, models and reports (keeps .venv and mlflow.db)
+	rm -rf data/interim data/features data/scored models/churn_model models/model_info.json reports

@@ -1,0 +1,235 @@
+"""Command line: one command per pipeline stage, called by ``dvc.yaml`` and by batch jobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from churn import ChurnError
+
+app = typer.Typer(
+    help="Customer churn pipeline: ingest, features, train, evaluate, score.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("churn")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="Path of params.yaml.")]
+
+
+@dataclasses.dataclass
+class _State:
+    params: Path = Path("params.yaml")
+
+
+state = _State()
+
+
+@app.callback()
+def main_callback(params: ParamsOption = Path("params.yaml")) -> None:
+    """Set up logging; stages read their settings from PARAMS."""
+    logging.basicConfig(
+        level=os.environ.get("CHURN_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    state.params = params
+
+
+def _settings():
+    from churn.config import load_settings
+
+    return load_settings(state.params)
+
+
+def _tracking(settings) -> None:
+    """Point MLflow at ``MLFLOW_TRACKING_URI``, else params, else ``mlflow.db`` beside params."""
+    import mlflow
+
+    uri = (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or settings.mlflow.tracking_uri
+        or f"sqlite:///{state.params.resolve().parent / 'mlflow.db'}"
+    )
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    log.info("MLflow tracking at %s", uri)
+
+
+@app.command()
+def ingest() -> None:
+    """Read the transaction exports into the canonical table; quarantine unusable rows."""
+    from churn import ingest as stage
+
+    settings = _settings()
+    s = stage.run(settings.data.transactions, settings.paths)
+    log.info(
+        "ingest: read %d rows, kept %d, rejected %d %s, removed %d duplicates; %d customers",
+        s.rows_read,
+        s.rows_kept,
+        s.rows_rejected,
+        s.rejected_by_reason,
+        s.duplicates_removed,
+        s.customers,
+    )
+
+
+@app.command()
+def features() -> None:
+    """Build point-in-time train, test and scoring snapshots."""
+    from churn import features as stage
+
+    settings = _settings()
+    s = stage.run(settings.features, settings.paths)
+    log.info(
+        "features: train cutoffs %s, test %s, as-of %s; rows %s",
+        [str(c) for c in s.plan.train],
+        s.plan.test,
+        s.plan.as_of,
+        s.rows,
+    )
+
+
+@app.command()
+def train() -> None:
+    """Train, calibrate, log and register the LightGBM churn model."""
+    from churn import train as stage
+
+    settings = _settings()
+    _tracking(settings)
+    s = stage.run(
+        settings.train,
+        settings.mlflow,
+        settings.paths,
+        horizon_days=settings.features.horizon_days,
+        seed=settings.seed,
+    )
+    log.info(
+        "train: run %s, model version %s, %d trees, validation AUC %.4f",
+        s.run_id,
+        s.model_version,
+        s.best_iteration,
+        s.validation_auc,
+    )
+
+
+@app.command()
+def evaluate() -> None:
+    """Compare the model with the baselines out of time; gate the champion alias."""
+    from churn import evaluate as stage
+
+    settings = _settings()
+    _tracking(settings)
+    s = stage.run(
+        settings.evaluate,
+        settings.mlflow,
+        settings.paths,
+        horizon_days=settings.features.horizon_days,
+    )
+    log.info(
+        "evaluate: model ROC-AUC %.4f (recency %.4f, rfm %.4f); champion: %s",
+        s.metrics["model"]["roc_auc"],
+        s.metrics["baselines"]["recency"]["roc_auc"],
+        s.metrics["baselines"]["rfm"]["roc_auc"],
+        "promoted" if s.promoted else "kept",
+    )
+
+
+@app.command()
+def score(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model to load: a directory or an MLflow URI such as models:/churn@champion. "
+            "Default: the pipeline's model directory."
+        ),
+    ] = None,
+    transactions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Canonical transactions Parquet (written by `churn ingest`). Default: the "
+            "pipeline's scoring snapshot."
+        ),
+    ] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            help="Scoring date YYYY-MM-DD (with --transactions). Default: the day "
+            "after the last transaction.",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="CSV to write.")] = None,
+) -> None:
+    """Score every active customer into the retention list."""
+    import json
+
+    import pandas as pd
+
+    from churn import score as stage
+    from churn.model import load_model
+
+    settings = _settings()
+    if model is not None:
+        _tracking(settings)
+    uri = model or str(settings.paths.model)
+    churn_model = load_model(uri)
+    if transactions is not None:
+        snapshot = stage.scoring_snapshot(
+            transactions, _as_of(as_of, transactions), settings.features
+        )
+    else:
+        snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
+    if model is None:
+        version = json.loads(settings.paths.model_info.read_text())["model_version"]
+    else:
+        version = _registry_version(uri)
+    s = stage.run(
+        snapshot,
+        churn_model,
+        settings.score,
+        out or settings.paths.retention_list,
+        model_version=version,
+    )
+    log.info("score: %d customers as of %s, by tier %s", s.customers, s.as_of, s.by_tier)
+
+
+def _as_of(text: str | None, transactions: Path) -> date:
+    if text is None:
+        import pandas as pd
+
+        last = pd.read_parquet(transactions, columns=["ts"])["ts"].max()
+        return (last + pd.Timedelta(days=1)).date()
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ChurnError(f"--as-of: expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _registry_version(uri: str) -> str:
+    """The registry version behind ``models:/name@alias`` or ``models:/name/N``; else the URI."""
+    if not uri.startswith("models:/"):
+        return uri
+    import mlflow
+
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    if ref:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, ref).version)
+    return name.rpartition("/")[2]
+
+
+def main() -> None:
+    """Entry point: expected problems become one line on stderr and a non-zero exit code."""
+    try:
+        app()
+    except ChurnError as exc:
+        print(f"churn: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,287 @@
+"""``params.yaml`` parsed once into frozen, validated settings.
+
+Nothing else in the package opens ``params.yaml``: the CLI loads a :class:`Settings` and hands
+each stage the section it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from churn import ChurnError
+
+CANONICAL_COLUMNS = (
+    "customer_id",
+    "ts",
+    "order_id",
+    "amount",
+    "quantity",
+    "unit_price",
+    "product_id",
+    "channel",
+)
+FORMATS = ("auto", "csv", "parquet", "excel")
+
+
+class ParamsError(ChurnError):
+    """``params.yaml`` is missing, malformed, or holds a value out of range."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    transactions: Path
+    rejects: Path
+    ingest_report: Path
+    features: Path
+    model: Path
+    model_info: Path
+    metrics: Path
+    plots: Path
+    retention_list: Path
+
+
+@dataclass(frozen=True)
+class TransactionSource:
+    path: tuple[Path, ...]
+    columns: dict[str, str | None]
+    format: str = "auto"
+    ts_format: str | None = None
+    csv_delimiter: str = ","
+    csv_encoding: str = "utf-8"
+    return_order_prefix: str | None = "C"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    transactions: TransactionSource
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    horizon_days: int = 90
+    active_lookback_days: int = 365
+    n_snapshots: int = 4
+    snapshot_step_days: int = 30
+    test_cutoff: date | None = None
+    as_of: date | None = None
+    windows_days: tuple[int, ...] = (30, 90, 180, 365)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    learning_rate: float = 0.03
+    num_leaves: int = 15
+    min_child_samples: int = 40
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    lambda_l2: float = 1.0
+    max_rounds: int = 2000
+    early_stopping_rounds: int = 100
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    experiment: str = "churn"
+    registered_model: str = "churn"
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    top_fraction: float = 0.1
+    capture_fraction: float = 0.2
+    calibration_bins: int = 10
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    risk_tiers: dict[str, float] = field(default_factory=lambda: {"high": 0.7, "medium": 0.4})
+    n_reasons: int = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: Paths
+    data: DataSettings
+    features: FeatureSettings
+    train: TrainSettings
+    mlflow: MlflowSettings
+    evaluate: EvaluateSettings
+    score: ScoreSettings
+    seed: int = 42
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate ``params.yaml``; relative paths resolve against its folder.
+
+    Raises
+    ------
+    ParamsError
+        When the file is missing or unreadable, a key is unknown or missing, or a value has the
+        wrong type or range. The message names the key.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    settings = _build(Settings, raw, "")
+    settings = _resolve_paths(settings, path.parent.resolve())
+    _validate(settings)
+    return settings
+
+
+def settings_from_dict(raw: dict[str, Any], root: Path) -> Settings:
+    """Build settings from an already-parsed mapping (used by tests and notebooks)."""
+    settings = _resolve_paths(_build(Settings, raw, ""), root.resolve())
+    _validate(settings)
+    return settings
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: '{where or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params: unknown key(s) {unknown} in '{where or 'top level'}'; "
+            f"allowed: {sorted(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"params: missing required key '{key}'")
+            continue
+        values[name] = _coerce(hints[name], raw[name], key)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is tuple:
+        items = value if isinstance(value, list) else [value]
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"params: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: Any, value: Any, key: str) -> Any:
+    if hint is date:
+        if isinstance(value, date):
+            return value
+        try:
+            return date.fromisoformat(str(value))
+        except ValueError:
+            raise ParamsError(f"params: '{key}' must be a date YYYY-MM-DD, got {value!r}") from None
+    if hint is Path:
+        return Path(str(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ParamsError(f"params: '{key}' must be {hint.__name__}, got {value!r}")
+
+
+def _resolve_paths(settings: Settings, root: Path) -> Settings:
+    paths = Paths(
+        **{f.name: root / getattr(settings.paths, f.name) for f in dataclasses.fields(Paths)}
+    )
+    source = settings.data.transactions
+    source = dataclasses.replace(source, path=tuple(root / p for p in source.path))
+    return dataclasses.replace(
+        settings, paths=paths, data=dataclasses.replace(settings.data, transactions=source)
+    )
+
+
+def _validate(s: Settings) -> None:
+    src = s.data.transactions
+    unknown = sorted(set(src.columns) - set(CANONICAL_COLUMNS))
+    if unknown:
+        raise ParamsError(
+            f"params: data.transactions.columns has unknown canonical name(s) "
+            f"{unknown}; allowed: {list(CANONICAL_COLUMNS)}"
+        )
+    for required in ("customer_id", "ts"):
+        if not src.columns.get(required):
+            raise ParamsError(f"params: data.transactions.columns.{required} must name a column")
+    if not src.columns.get("amount") and not (
+        src.columns.get("quantity") and src.columns.get("unit_price")
+    ):
+        raise ParamsError(
+            "params: data.transactions.columns needs 'amount', or both 'quantity' and 'unit_price'"
+        )
+    if src.format not in FORMATS:
+        raise ParamsError(
+            f"params: data.transactions.format must be one of {FORMATS}, got {src.format!r}"
+        )
+    f = s.features
+    _positive(
+        "features",
+        horizon_days=f.horizon_days,
+        active_lookback_days=f.active_lookback_days,
+        n_snapshots=f.n_snapshots,
+        snapshot_step_days=f.snapshot_step_days,
+    )
+    _positive("features.windows_days", **{str(w): w for w in f.windows_days})
+    if f.n_snapshots < 2:
+        raise ParamsError(
+            f"params: features.n_snapshots must be >= 2 (the newest validates "
+            f"the others), got {f.n_snapshots}"
+        )
+    if f.test_cutoff and f.as_of and f.test_cutoff > f.as_of:
+        raise ParamsError(
+            f"params: features.test_cutoff {f.test_cutoff} is after features.as_of {f.as_of}"
+        )
+    t = s.train
+    _positive(
+        "train",
+        learning_rate=t.learning_rate,
+        num_leaves=t.num_leaves,
+        max_rounds=t.max_rounds,
+        early_stopping_rounds=t.early_stopping_rounds,
+    )
+    for name in ("feature_fraction", "bagging_fraction"):
+        if not 0 < getattr(t, name) <= 1:
+            raise ParamsError(f"params: train.{name} must be in (0, 1], got {getattr(t, name)}")
+    e = s.evaluate
+    for name in ("top_fraction", "capture_fraction"):
+        if not 0 < getattr(e, name) < 1:
+            raise ParamsError(f"params: evaluate.{name} must be in (0, 1), got {getattr(e, name)}")
+    tiers = s.score.risk_tiers
+    if not tiers or any(not 0 < v < 1 for v in tiers.values()):
+        raise ParamsError(
+            f"params: score.risk_tiers must map tier names to thresholds in (0, 1), got {tiers}"
+        )
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ParamsError(f"params: {section}.{name} must be > 0, got {value}")

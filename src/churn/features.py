@@ -1,0 +1,263 @@
+"""Features stage: point-in-time customer snapshots with churn labels.
+
+For a cutoff ``c`` every feature reads only lines with ``ts < c`` and the label reads only
+``[c, c + horizon)``. Row-level work is an Ibis expression, so the same definitions run on
+DuckDB or Spark; pandas starts at the per-customer snapshot (RFM scores and segments).
+Day arithmetic uses whole days since the epoch, which every engine computes the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+import ibis
+import numpy as np
+import pandas as pd
+from ibis.expr import types as ir
+
+from churn import ChurnError
+from churn.config import FeatureSettings, Paths
+from churn.io import connect, write_parquet
+
+EPOCH = date(1970, 1, 1)
+ID_COLUMNS = ("customer_id", "cutoff")
+LABEL = "churned"
+TREND_DAYS = 90
+RFM_SEGMENTS = (
+    "Champions",
+    "Loyal",
+    "Potential",
+    "New",
+    "At risk",
+    "Can't lose",
+    "Hibernating",
+    "Lost",
+)
+
+
+class SnapshotError(ChurnError):
+    """The cutoffs asked for do not fit the data's date range."""
+
+
+@dataclass(frozen=True)
+class SnapshotPlan:
+    """Cutoffs of the stacked training snapshots (oldest first), the test and scoring ones."""
+
+    train: tuple[date, ...]
+    test: date
+    as_of: date
+
+
+@dataclass(frozen=True)
+class FeaturesSummary:
+    plan: SnapshotPlan
+    rows: dict[str, int]
+
+
+def day_number(d: date) -> int:
+    """Whole days since 1970-01-01."""
+    return (d - EPOCH).days
+
+
+def plan_snapshots(first_day: date, last_day: date, settings: FeatureSettings) -> SnapshotPlan:
+    """Place the cutoffs: scoring at ``as_of``; test at the latest fully observed label window;
+    a validation snapshot one horizon before the test; ``n_snapshots - 1`` fitting snapshots
+    ``snapshot_step_days`` apart, the newest one horizon before the validation cutoff. Every
+    label window ends on or before the next stage's cutoff.
+
+    Raises
+    ------
+    SnapshotError
+        When a cutoff falls outside the data or a label window is not fully observed.
+    """
+    h = timedelta(days=settings.horizon_days)
+    as_of = settings.as_of or last_day + timedelta(days=1)
+    test = settings.test_cutoff or last_day + timedelta(days=1) - h
+    if test + h > last_day + timedelta(days=1):
+        raise SnapshotError(
+            f"features.test_cutoff {test}: its {settings.horizon_days}-day label "
+            f"window ends after the last transaction day {last_day}"
+        )
+    step = timedelta(days=settings.snapshot_step_days)
+    # The newest training snapshot validates the older ones, so its cutoff sits one horizon
+    # after theirs: no label window it is judged on overlaps one the trees were fitted on.
+    validation = test - h
+    fit = tuple(validation - h - k * step for k in reversed(range(settings.n_snapshots - 1)))
+    train = (*fit, validation)
+    if train[0] <= first_day:
+        raise SnapshotError(
+            f"the oldest training cutoff {train[0]} is not after the first transaction day "
+            f"{first_day}; lower features.n_snapshots, snapshot_step_days or horizon_days"
+        )
+    if as_of <= first_day:
+        raise SnapshotError(
+            f"features.as_of {as_of} is not after the first transaction day {first_day}"
+        )
+    return SnapshotPlan(train=train, test=test, as_of=as_of)
+
+
+def with_day(tx: ir.Table) -> ir.Table:
+    """Add ``day``: whole days since the epoch of each line's timestamp."""
+    return tx.mutate(day=(tx.ts.epoch_seconds() // 86400).cast("int64"))
+
+
+def purchase_orders(tx: ir.Table, cutoff: date) -> ir.Table:
+    """One row per purchase order placed before ``cutoff``: customer, order, day, value."""
+    lines = tx.filter(tx.day < day_number(cutoff), ~tx.is_return)
+    orders = lines.group_by("customer_id", "order_id").agg(
+        day=lines.day.min(), value=lines.amount.sum()
+    )
+    return orders.filter(orders.value > 0)
+
+
+def order_features(orders: ir.Table, cutoff: date, windows: tuple[int, ...]) -> ir.Table:
+    """Recency, tenure, frequency, monetary and windowed counts/spend per customer."""
+    c = day_number(cutoff)
+    windowed = {}
+    for w in windows:
+        inside = orders.day >= c - w
+        windowed[f"orders_{w}d"] = inside.cast("int64").sum()
+        windowed[f"spend_{w}d"] = ibis.cases((inside, orders.value), else_=0.0).sum()
+    previous = (orders.day >= c - 2 * TREND_DAYS) & (orders.day < c - TREND_DAYS)
+    recent = orders.day >= c - TREND_DAYS
+    agg = orders.group_by("customer_id").agg(
+        recency_days=c - orders.day.max(),
+        tenure_days=c - orders.day.min(),
+        frequency=orders.count(),
+        monetary=orders.value.sum(),
+        mean_order_value=orders.value.mean(),
+        _orders_recent=recent.cast("int64").sum(),
+        _orders_previous=previous.cast("int64").sum(),
+        _spend_recent=ibis.cases((recent, orders.value), else_=0.0).sum(),
+        _spend_previous=ibis.cases((previous, orders.value), else_=0.0).sum(),
+        **windowed,
+    )
+    # Ratios are smoothed by one order / one unit of spend so new and idle customers stay finite.
+    return agg.mutate(
+        orders_trend=(agg._orders_recent + 1) / (agg._orders_previous + 1),
+        spend_trend=(agg._spend_recent + 1) / (agg._spend_previous + 1),
+    ).drop("_orders_recent", "_orders_previous", "_spend_recent", "_spend_previous")
+
+
+def gap_features(orders: ir.Table) -> ir.Table:
+    """Mean and standard deviation of the days between a customer's purchase days."""
+    days = orders.select("customer_id", "day").distinct()
+    gaps = days.mutate(
+        gap=days.day - days.day.lag().over(group_by=days.customer_id, order_by=days.day)
+    )
+    gaps = gaps.filter(gaps.gap.notnull())
+    return gaps.group_by("customer_id").agg(
+        gap_mean_days=gaps.gap.mean(), gap_std_days=gaps.gap.std(how="pop")
+    )
+
+
+def line_features(tx: ir.Table, cutoff: date) -> ir.Table:
+    """Returns and product breadth from the lines before ``cutoff``."""
+    lines = tx.filter(tx.day < day_number(cutoff))
+    returned = lines.is_return
+    return lines.group_by("customer_id").agg(
+        returned_value=ibis.cases((returned, -lines.amount), else_=0.0).sum(),
+        return_orders=lines.order_id.nunique(where=returned),
+        distinct_products=lines.product_id.nunique(where=~returned),
+    )
+
+
+def customer_features(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> ir.Table:
+    """All per-customer features at ``cutoff`` for customers active in the lookback window."""
+    orders = purchase_orders(tx, cutoff)
+    base = order_features(orders, cutoff, settings.windows_days)
+    base = base.filter(base.recency_days <= settings.active_lookback_days)
+    joined = base.left_join(gap_features(orders), "customer_id").drop("customer_id_right")
+    joined = joined.left_join(line_features(tx, cutoff), "customer_id").drop("customer_id_right")
+    return joined.mutate(
+        overdue_ratio=joined.recency_days / joined.gap_mean_days,
+        return_rate=joined.returned_value / joined.monetary,
+        cutoff=ibis.date(cutoff),
+    )
+
+
+def churn_labels(tx: ir.Table, cutoff: date, horizon_days: int) -> ir.Table:
+    """Customers with a purchase in ``[cutoff, cutoff + horizon)``, flagged ``churned = 0``."""
+    c = day_number(cutoff)
+    future = tx.filter(tx.day >= c, tx.day < c + horizon_days, ~tx.is_return, tx.amount > 0)
+    return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
+
+
+def labelled_snapshot(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> ir.Table:
+    """Features at ``cutoff`` joined with the label ``churned``."""
+    feats = customer_features(tx, cutoff, settings)
+    joined = feats.left_join(churn_labels(tx, cutoff, settings.horizon_days), "customer_id")
+    return (
+        joined.drop("customer_id_right")
+        .mutate(churned=joined.bought.isnull().cast("int8"))
+        .drop("bought")
+    )
+
+
+def rfm_scores(snapshot: pd.DataFrame) -> pd.DataFrame:
+    """Add 1-5 quintile scores ``r_score``, ``f_score``, ``m_score`` and ``rfm_segment``.
+
+    Scores are computed within each cutoff; ties share a score; 5 is best (most recent, most
+    frequent, highest spend).
+
+    >>> frame = pd.DataFrame({"cutoff": [1] * 5, "recency_days": [1, 2, 3, 4, 5],
+    ...                       "frequency": [5, 4, 3, 2, 1], "monetary": [1.0] * 5})
+    >>> rfm_scores(frame)[["r_score", "f_score", "m_score"]].values.tolist()[0]
+    [5, 5, 5]
+    """
+    out = snapshot.copy()
+    for name, column, sign in (
+        ("r_score", "recency_days", -1),
+        ("f_score", "frequency", 1),
+        ("m_score", "monetary", 1),
+    ):
+        pct = (sign * out[column]).groupby(out["cutoff"]).rank(method="average", pct=True)
+        out[name] = np.clip(np.ceil(pct * 5), 1, 5).astype("int64")
+    out["rfm_segment"] = rfm_segment(out["r_score"].to_numpy(), out["f_score"].to_numpy())
+    return out
+
+
+def rfm_segment(r: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Name the RFM segment of each (recency score, frequency score) pair; rules in order."""
+    conditions = [
+        (r >= 4) & (f >= 4),
+        (r >= 3) & (f >= 3),
+        (r >= 4) & (f <= 1),
+        r >= 3,
+        f >= 5,
+        f >= 3,
+        r == 2,
+    ]
+    names = ["Champions", "Loyal", "New", "Potential", "Can't lose", "At risk", "Hibernating"]
+    return np.select(conditions, names, default="Lost")
+
+
+def snapshot_frame(expr: ir.Table) -> pd.DataFrame:
+    """Execute a snapshot expression into a tidy, deterministically ordered pandas frame."""
+    frame = expr.to_pandas()
+    frame["cutoff"] = pd.to_datetime(frame["cutoff"]).dt.date
+    frame = frame.sort_values(["cutoff", "customer_id"], kind="stable").reset_index(drop=True)
+    return rfm_scores(frame)
+
+
+def run(settings: FeatureSettings, paths: Paths) -> FeaturesSummary:
+    """Build the train, test and scoring snapshots from the canonical transaction table."""
+    con = connect()
+    tx = with_day(con.read_parquet(paths.transactions))
+    span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
+    plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
+    train = ibis.union(*(labelled_snapshot(tx, c, settings) for c in plan.train))
+    frames = {
+        "train": snapshot_frame(train),
+        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings)),
+        "score": snapshot_frame(customer_features(tx, plan.as_of, settings)),
+    }
+    for name, frame in frames.items():
+        if frame.empty:
+            raise SnapshotError(
+                f"the {name} snapshot has no active customers; check "
+                "features.active_lookback_days and the cutoffs"
+            )
+        write_parquet(frame, paths.features / f"{name}.parquet")
+    return FeaturesSummary(plan=plan, rows={k: len(v) for k, v in frames.items()})

@@ -1,0 +1,232 @@
+"""Ingest stage: exports in, one canonical transaction table out, unusable rows quarantined.
+
+The canonical table has one row per transaction line::
+
+    customer_id  string     normalised (``13085.0`` -> ``13085``)
+    order_id     string     the export's order id, or customer id + timestamp when absent
+    ts           timestamp  naive, as exported
+    amount       float64    line total; negative for returns
+    quantity     float64    null when the export has none
+    product_id   string     null when the export has none
+    channel      string     null when the export has none
+    is_return    boolean    negative quantity or an order id with the return prefix
+
+Counts reconcile: rows read = kept + rejected + exact duplicates removed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ibis
+from ibis.expr import types as ir
+
+from churn.config import Paths, TransactionSource
+from churn.io import (
+    InputError,
+    connect,
+    expand_inputs,
+    file_format,
+    read_table,
+    write_json,
+    write_parquet,
+)
+
+TEXT_COLUMNS = (
+    "customer_id",
+    "ts",
+    "order_id",
+    "amount",
+    "quantity",
+    "unit_price",
+    "product_id",
+    "channel",
+)
+REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    rows_read: int
+    rows_kept: int
+    rows_rejected: int
+    duplicates_removed: int
+    rejected_by_reason: dict[str, int]
+    customers: int
+    first_ts: str | None
+    last_ts: str | None
+    files: dict[str, int]
+
+
+@ibis.udf.scalar.builtin(name="try_strptime")
+def _try_strptime(value: str, fmt: str) -> datetime:  # type: ignore[empty-body]
+    """DuckDB's ``try_strptime``: null where the text does not match the format."""
+
+
+def source_lines(table: ir.Table, columns: dict[str, str | None], *, path: Path) -> ir.Table:
+    """Select the mapped source columns of one export as text, under canonical names.
+
+    Raises
+    ------
+    InputError
+        When a mapped column is not in the file; the message suggests the closest name.
+    """
+    present = list(table.columns)
+    selected = {}
+    for canonical in TEXT_COLUMNS:
+        source = columns.get(canonical)
+        if source is None:
+            selected[canonical] = ibis.null().cast("string")
+            continue
+        if source not in present:
+            close = difflib.get_close_matches(source, present, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; columns are {present}"
+            raise InputError(
+                f"{path}: column '{source}' (data.transactions.columns.{canonical}) not found{hint}"
+            )
+        selected[canonical] = table[source].cast("string")
+    return table.select(**selected)
+
+
+def parse_lines(
+    raw: ir.Table, *, ts_format: str | None, return_order_prefix: str | None
+) -> ir.Table:
+    """Parse text lines into typed canonical columns plus a ``reason`` (null when usable).
+
+    The original text stays beside them as ``source_<column>`` for the rejects file.
+    """
+    raw = raw.rename({f"source_{c}": c for c in TEXT_COLUMNS})
+    customer = raw.source_customer_id.strip().re_replace(r"^(-?\d+)\.0+$", r"\1")
+    customer = ibis.cases((customer == "", ibis.null("string")), else_=customer)
+    ts_text = raw.source_ts.strip()
+    ts = _try_strptime(ts_text, ts_format) if ts_format else ts_text.try_cast("timestamp")
+    quantity = raw.source_quantity.strip().try_cast("float64")
+    amount = (raw.source_amount.strip().try_cast("float64")).coalesce(
+        quantity * raw.source_unit_price.strip().try_cast("float64")
+    )
+    is_return = quantity.fill_null(0) < 0
+    if return_order_prefix:
+        is_return = is_return | raw.source_order_id.startswith(return_order_prefix).fill_null(False)
+    order_id = raw.source_order_id.strip().coalesce(customer.concat("@", ts_text))
+    reason = ibis.cases(
+        (customer.isnull(), "missing_customer_id"),
+        (ts.isnull(), "unparseable_ts"),
+        (amount.isnull() | amount.isnan() | amount.isinf(), "non_finite_amount"),
+        else_=ibis.null("string"),
+    )
+    return raw.mutate(
+        customer_id=customer,
+        order_id=order_id,
+        ts=ts,
+        # A return reduces spend whatever sign the export gave its line total.
+        amount=ibis.cases((is_return, -amount.abs()), else_=amount),
+        quantity=quantity,
+        product_id=raw.source_product_id.strip(),
+        channel=raw.source_channel.strip(),
+        is_return=is_return,
+        reason=reason,
+    )
+
+
+def canonical(parsed: ir.Table) -> ir.Table:
+    """The kept lines of :func:`parse_lines`, in the canonical schema."""
+    return parsed.filter(parsed.reason.isnull()).select(
+        "customer_id", "order_id", "ts", "amount", "quantity", "product_id", "channel", "is_return"
+    )
+
+
+def rejects(parsed: ir.Table) -> ir.Table:
+    """The rejected lines of :func:`parse_lines`: their original text and the reason."""
+    return parsed.filter(parsed.reason.notnull()).select(
+        *[f"source_{c}" for c in TEXT_COLUMNS], "reason"
+    )
+
+
+def run(source: TransactionSource, paths: Paths) -> IngestSummary:
+    """Read the exports, deduplicate, parse, quarantine, and write table, rejects and report."""
+    con = connect()
+    files = expand_inputs(source.path)
+    per_file, frames = {}, []
+    for path in files:
+        table = read_table(
+            con,
+            path,
+            file_format(path, source.format),
+            delimiter=source.csv_delimiter,
+            encoding=source.csv_encoding,
+        )
+        per_file[_display(path)] = int(table.count().execute())
+        frames.append(source_lines(table, source.columns, path=path))
+    rows_read = sum(per_file.values())
+    if rows_read == 0:
+        raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
+    unique = ibis.union(*frames, distinct=True) if len(frames) > 1 else frames[0].distinct()
+    unique = con.create_table("unique_lines", unique, temp=True)
+    parsed = con.create_table(
+        "parsed_lines",
+        parse_lines(
+            unique, ts_format=source.ts_format, return_order_prefix=source.return_order_prefix
+        ),
+        temp=True,
+    )
+    summary = _summarise(parsed, rows_read=rows_read, per_file=per_file)
+    if summary.rows_kept == 0:
+        raise InputError(
+            f"{', '.join(map(str, files))}: all {rows_read} rows rejected "
+            f"({summary.rejected_by_reason}); check the column mapping and "
+            "data.transactions.ts_format in params.yaml"
+        )
+    write_parquet(canonical(parsed), paths.transactions)
+    write_parquet(rejects(parsed), paths.rejects)
+    write_json(_report(summary), paths.ingest_report)
+    return summary
+
+
+def _summarise(parsed: ir.Table, *, rows_read: int, per_file: dict[str, int]) -> IngestSummary:
+    counts = parsed.group_by(reason=parsed.reason.fill_null("kept")).agg(n=parsed.count())
+    by_reason = dict(counts.execute().itertuples(index=False, name=None))
+    kept = parsed.filter(parsed.reason.isnull())
+    stats = (
+        kept.agg(
+            customers=kept.customer_id.nunique(), first_ts=kept.ts.min(), last_ts=kept.ts.max()
+        )
+        .execute()
+        .iloc[0]
+    )
+    n_unique = sum(by_reason.values())
+    rejected = {r: int(by_reason.get(r, 0)) for r in REJECT_REASONS}
+    return IngestSummary(
+        rows_read=rows_read,
+        rows_kept=int(by_reason.get("kept", 0)),
+        rows_rejected=sum(rejected.values()),
+        duplicates_removed=rows_read - n_unique,
+        rejected_by_reason=rejected,
+        customers=int(stats["customers"]),
+        first_ts=None if stats["first_ts"] is None else str(stats["first_ts"]),
+        last_ts=None if stats["last_ts"] is None else str(stats["last_ts"]),
+        files=per_file,
+    )
+
+
+def _report(summary: IngestSummary) -> dict[str, Any]:
+    return {
+        "rows_read": summary.rows_read,
+        "rows_kept": summary.rows_kept,
+        "rows_rejected": summary.rows_rejected,
+        "duplicates_removed": summary.duplicates_removed,
+        "rejected_by_reason": summary.rejected_by_reason,
+        "customers": summary.customers,
+        "date_range": {"first": summary.first_ts, "last": summary.last_ts},
+        "files": summary.files,
+        "reconciles": summary.rows_read
+        == summary.rows_kept + summary.rows_rejected + summary.duplicates_removed,
+    }
+
+
+def _display(path: Path) -> str:
+    """``path`` relative to the working directory when inside it, so reports are portable."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)

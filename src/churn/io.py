@@ -1,0 +1,119 @@
+"""File I/O shared by the stages: input discovery, engine connection, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ibis
+import pandas as pd
+from ibis.expr import types as ir
+
+from churn import ChurnError
+
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".txt": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".xlsx": "excel",
+    ".xls": "excel",
+}
+
+
+class InputError(ChurnError):
+    """An input file is missing, unreadable, or lacks what the params say it holds."""
+
+
+def connect() -> ibis.BaseBackend:
+    """An embedded DuckDB connection (in memory, spills to disk when needed)."""
+    return ibis.duckdb.connect()
+
+
+def expand_inputs(paths: tuple[Path, ...]) -> list[Path]:
+    """Files named by ``paths``: files as they are, directories by their data files, sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIX_FORMATS)
+            if not found:
+                raise InputError(f"{path}: directory holds no CSV, Parquet or Excel file")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(
+                f"{path}: input file not found; check data.transactions.path in params.yaml"
+            )
+    return files
+
+
+def file_format(path: Path, declared: str) -> str:
+    """The format of ``path``: ``declared`` unless it is ``auto``, else from the suffix."""
+    if declared != "auto":
+        return declared
+    try:
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise InputError(
+            f"{path}: cannot tell the format from '{path.suffix}'; set "
+            "data.transactions.format to csv, parquet or excel"
+        ) from None
+
+
+def read_table(
+    con: ibis.BaseBackend, path: Path, fmt: str, *, delimiter: str = ",", encoding: str = "utf-8"
+) -> ir.Table:
+    """Open one export lazily; CSV columns arrive as text and are parsed by the caller."""
+    try:
+        if fmt == "parquet":
+            return con.read_parquet(path)
+        if fmt == "csv":
+            return con.read_csv(
+                path, delim=delimiter, encoding=encoding, all_varchar=True, header=True
+            )
+        frame = pd.read_excel(path, dtype=str)
+        return con.create_table(f"excel_{abs(hash(path))}", frame, temp=True)
+    except Exception as exc:  # the engines raise many types; the user needs file + reason
+        raise InputError(f"{path}: cannot read as {fmt}: {str(exc).splitlines()[0]}") from exc
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(data: dict[str, Any], target: Path) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
+    """Write a pandas frame or an Ibis expression (streamed by the engine) to Parquet."""
+    with atomic_path(target) as tmp:
+        if isinstance(frame, pd.DataFrame):
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_parquet(tmp)
+
+
+def write_csv(frame: pd.DataFrame, target: Path) -> None:
+    """Write a CSV atomically."""
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False)

@@ -1,0 +1,114 @@
+"""The churn model artifact: a LightGBM booster plus isotonic calibration, as an MLflow pyfunc.
+
+Train writes it, evaluate and score load it: from ``models/`` inside the pipeline, or from the
+registry (``models:/churn@champion``) in batch jobs. ``predict`` returns calibrated churn
+probabilities; :meth:`ChurnModel.contributions` gives per-feature log-odds contributions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import mlflow
+import numpy as np
+import pandas as pd
+
+from churn import ChurnError
+
+
+class ModelError(ChurnError):
+    """The model cannot be loaded, or the data do not fit its input contract."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model was trained on and how its scores are calibrated."""
+
+    features: list[str]
+    horizon_days: int
+    train_cutoffs: list[str]
+    validation_cutoff: str
+    best_iteration: int
+    calibration_x: list[float]
+    calibration_y: list[float]
+
+
+def calibrate(raw: np.ndarray, x: list[float], y: list[float]) -> np.ndarray:
+    """Map raw scores through an isotonic step function given by its thresholds.
+
+    >>> calibrate(np.array([0.0, 0.25, 1.0]), [0.1, 0.5], [0.2, 0.6]).tolist()
+    [0.2, 0.35, 0.6]
+    """
+    return np.interp(raw, x, y)
+
+
+class ChurnModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc wrapper; artifacts ``booster`` (LightGBM text) and ``card`` (JSON)."""
+
+    def __init__(self) -> None:
+        self.booster: lgb.Booster | None = None
+        self.card: ModelCard | None = None
+
+    def load_context(self, context: Any) -> None:
+        self.booster = lgb.Booster(model_file=context.artifacts["booster"])
+        self.card = ModelCard(**json.loads(Path(context.artifacts["card"]).read_text()))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
+        return self.predict_proba(model_input)
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Calibrated churn probability of each row."""
+        raw = self._booster.predict(self.matrix(frame), num_iteration=self._card.best_iteration)
+        return calibrate(raw, self._card.calibration_x, self._card.calibration_y)
+
+    def contributions(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Per-feature contributions to the raw log-odds (TreeSHAP), one column per feature."""
+        contrib = self._booster.predict(
+            self.matrix(frame), pred_contrib=True, num_iteration=self._card.best_iteration
+        )
+        return pd.DataFrame(contrib[:, :-1], columns=self._card.features, index=frame.index)
+
+    def matrix(self, frame: pd.DataFrame) -> np.ndarray:
+        """The feature matrix in training order; a missing feature is a contract breach."""
+        missing = [f for f in self._card.features if f not in frame.columns]
+        if missing:
+            raise ModelError(f"the model needs feature(s) {missing} that the snapshot lacks")
+        return frame[self._card.features].to_numpy(dtype="float64")
+
+    @property
+    def _booster(self) -> lgb.Booster:
+        if self.booster is None:
+            raise ModelError("model used before its artifacts were loaded")
+        return self.booster
+
+    @property
+    def _card(self) -> ModelCard:
+        if self.card is None:
+            raise ModelError("model used before its artifacts were loaded")
+        return self.card
+
+
+def write_artifacts(booster: lgb.Booster, card: ModelCard, folder: Path) -> dict[str, str]:
+    """Write the booster and its card into ``folder``; return the pyfunc artifact mapping."""
+    folder.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(folder / "booster.txt"), num_iteration=card.best_iteration)
+    (folder / "card.json").write_text(json.dumps(asdict(card), indent=2))
+    return {"booster": str(folder / "booster.txt"), "card": str(folder / "card.json")}
+
+
+def load_model(uri: str) -> ChurnModel:
+    """Load a churn model from a local directory or an MLflow URI (``models:/churn@champion``)."""
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MLflow raises several types; the user needs the URI and cause
+        raise ModelError(f"cannot load model '{uri}': {str(exc).splitlines()[0]}") from exc
+    model = loaded.unwrap_python_model()
+    if not isinstance(model, ChurnModel):
+        raise ModelError(f"'{uri}' is not a churn model (got {type(model).__name__})")
+    return model

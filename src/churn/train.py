@@ -1,0 +1,205 @@
+"""Train stage: LightGBM on stacked snapshots, early-stopped and calibrated out of time.
+
+The newest training snapshot is held out: early stopping and isotonic calibration use it, the
+older snapshots fit the trees. The model is logged to MLflow, registered, given the alias
+``challenger``, and saved under ``models/`` for the downstream stages.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import lightgbm as lgb
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+from sklearn.isotonic import IsotonicRegression
+
+from churn import ChurnError
+from churn.config import MlflowSettings, Paths, TrainSettings
+from churn.features import ID_COLUMNS, LABEL
+from churn.io import write_json
+from churn.model import ChurnModel, ModelCard, write_artifacts
+
+NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_id: str
+    model_version: str
+    best_iteration: int
+    validation_auc: float
+
+
+def feature_columns(snapshot: pd.DataFrame) -> list[str]:
+    """Model inputs: every numeric snapshot column except ids and the label."""
+    return [
+        c
+        for c in snapshot.columns
+        if c not in NON_FEATURES and pd.api.types.is_numeric_dtype(snapshot[c])
+    ]
+
+
+def split_by_cutoff(snapshots: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split stacked snapshots into (older ones, newest one) for out-of-time validation."""
+    cutoffs = sorted(snapshots["cutoff"].unique())
+    if len(cutoffs) < 2:
+        raise ChurnError(
+            "training needs at least 2 snapshots (features.n_snapshots >= 2): "
+            "the newest one is held out for early stopping and calibration"
+        )
+    newest = snapshots["cutoff"] == cutoffs[-1]
+    return snapshots[~newest], snapshots[newest]
+
+
+def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
+    """LightGBM booster parameters from the train settings."""
+    return {
+        "objective": "binary",
+        "metric": "auc",
+        "verbosity": -1,
+        "seed": seed,
+        "deterministic": True,
+        "num_threads": 2,
+        "learning_rate": settings.learning_rate,
+        "num_leaves": settings.num_leaves,
+        "min_child_samples": settings.min_child_samples,
+        "feature_fraction": settings.feature_fraction,
+        "bagging_fraction": settings.bagging_fraction,
+        "bagging_freq": settings.bagging_freq,
+        "lambda_l2": settings.lambda_l2,
+    }
+
+
+def fit_booster(
+    fit: pd.DataFrame,
+    valid: pd.DataFrame,
+    features: list[str],
+    settings: TrainSettings,
+    *,
+    seed: int,
+) -> lgb.Booster:
+    """Boost on ``fit`` until the AUC on ``valid`` stops improving."""
+    train_set = lgb.Dataset(
+        fit[features].astype("float64"),
+        label=fit[LABEL],
+        feature_name=features,
+        free_raw_data=False,
+    )
+    valid_set = lgb.Dataset(
+        valid[features].astype("float64"), label=valid[LABEL], reference=train_set
+    )
+    return lgb.train(
+        lgb_params(settings, seed),
+        train_set,
+        num_boost_round=settings.max_rounds,
+        valid_sets=[valid_set],
+        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
+    )
+
+
+def fit_calibration(y_raw: np.ndarray, y_true: np.ndarray) -> tuple[list[float], list[float]]:
+    """Isotonic map from raw scores to probabilities, as its threshold points."""
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-4, y_max=1 - 1e-4)
+    iso.fit(y_raw, y_true)
+    return iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist()
+
+
+def build_model(
+    snapshots: pd.DataFrame, settings: TrainSettings, *, horizon_days: int, seed: int
+) -> tuple[lgb.Booster, ModelCard, pd.DataFrame]:
+    """Fit booster and calibration; return them with the validation snapshot."""
+    fit, valid = split_by_cutoff(snapshots)
+    features = feature_columns(snapshots)
+    booster = fit_booster(fit, valid, features, settings, seed=seed)
+    raw = booster.predict(valid[features].astype("float64"), num_iteration=booster.best_iteration)
+    cal_x, cal_y = fit_calibration(raw, valid[LABEL].to_numpy())
+    card = ModelCard(
+        features=features,
+        horizon_days=horizon_days,
+        train_cutoffs=sorted(str(c) for c in fit["cutoff"].unique()),
+        validation_cutoff=str(valid["cutoff"].iloc[0]),
+        best_iteration=int(booster.best_iteration),
+        calibration_x=cal_x,
+        calibration_y=cal_y,
+    )
+    return booster, card, valid
+
+
+def run(
+    settings: TrainSettings, tracking: MlflowSettings, paths: Paths, *, horizon_days: int, seed: int
+) -> TrainSummary:
+    """Train, log and register the model; save it under ``paths.model``."""
+    snapshots = pd.read_parquet(paths.features / "train.parquet")
+    booster, card, valid = build_model(snapshots, settings, horizon_days=horizon_days, seed=seed)
+    staging = paths.model.parent / f".{paths.model.name}.artifacts"
+    artifacts = write_artifacts(booster, card, staging)
+    example = valid[card.features].head(5).astype("float64")
+    model = ChurnModel()
+    mlflow.set_experiment(tracking.experiment)
+    with mlflow.start_run() as active:
+        mlflow.log_params(
+            {
+                **lgb_params(settings, seed),
+                "horizon_days": horizon_days,
+                "n_features": len(card.features),
+                "train_rows": len(snapshots),
+                "train_cutoffs": ",".join(card.train_cutoffs),
+                "validation_cutoff": card.validation_cutoff,
+            }
+        )
+        validation_auc = float(booster.best_score["valid_0"]["auc"])
+        mlflow.log_metrics(
+            {"validation_auc": validation_auc, "best_iteration": card.best_iteration}
+        )
+        mlflow.log_dict(_importance(booster), "feature_importance.json")
+        signature = infer_signature(example, model_output=np.zeros(len(example)))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=model,
+            artifacts=artifacts,
+            signature=signature,
+            input_example=example,
+            registered_model_name=tracking.registered_model,
+        )
+        version = str(info.registered_model_version)
+        mlflow.MlflowClient().set_registered_model_alias(
+            tracking.registered_model, "challenger", version
+        )
+    if paths.model.exists():
+        shutil.rmtree(paths.model)
+    mlflow.pyfunc.save_model(
+        path=str(paths.model),
+        python_model=model,
+        artifacts=artifacts,
+        signature=signature,
+        input_example=example,
+    )
+    shutil.rmtree(staging)
+    write_json(
+        {
+            "run_id": active.info.run_id,
+            "registered_model": tracking.registered_model,
+            "model_version": version,
+            "model_uri": f"models:/{tracking.registered_model}/{version}",
+        },
+        paths.model_info,
+    )
+    return TrainSummary(
+        run_id=active.info.run_id,
+        model_version=version,
+        best_iteration=card.best_iteration,
+        validation_auc=validation_auc,
+    )
+
+
+def _importance(booster: lgb.Booster) -> dict[str, dict[str, float]]:
+    names = booster.feature_name()
+    gain = booster.feature_importance("gain")
+    split = booster.feature_importance("split")
+    order = np.argsort(-gain, kind="stable")
+    return {names[i]: {"gain": float(gain[i]), "split": int(split[i])} for i in order}
