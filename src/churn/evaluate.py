@@ -135,7 +135,7 @@ def _gate(name: str, version: str, roc_auc: float) -> bool:
         champion = None
     if (
         champion is not None
-        and champion.version != version
+        and str(champion.version) != version
         and float(champion.tags.get(AUC_TAG, "-inf")) > roc_auc
     ):
         return False

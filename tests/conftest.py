@@ -1,0 +1,109 @@
+"""Shared fixtures: the project's params, tiny hand-checked tables, a temporary MLflow store."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from churn.config import Settings, settings_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SAMPLE = ROOT / "data" / "sample"
+
+
+def project_params() -> dict[str, Any]:
+    """The repository's params.yaml as a plain mapping."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    """Settings from the project's params with overrides, paths under ``tmp_path``."""
+
+    def _make(**overrides: Any) -> Settings:
+        return settings_from_dict(merge(project_params(), overrides), tmp_path)
+
+    return _make
+
+
+def tx(rows: list[tuple]) -> pd.DataFrame:
+    """A canonical transaction table from (customer, order, ts, amount[, product]) rows."""
+    frame = pd.DataFrame(
+        [(*r, None)[:5] if len(r) == 4 else r for r in rows],
+        columns=["customer_id", "order_id", "ts", "amount", "product_id"],
+    )
+    frame["ts"] = pd.to_datetime(frame["ts"]).astype("datetime64[us]")
+    frame["amount"] = frame["amount"].astype("float64")
+    frame["quantity"] = frame["amount"].apply(lambda a: -1.0 if a < 0 else 1.0)
+    frame["channel"] = pd.Series([None] * len(frame), dtype="string")
+    frame["is_return"] = frame["amount"] < 0
+    return frame[
+        [
+            "customer_id",
+            "order_id",
+            "ts",
+            "amount",
+            "quantity",
+            "product_id",
+            "channel",
+            "is_return",
+        ]
+    ].astype({"customer_id": "string", "order_id": "string", "product_id": "string"})
+
+
+# Hand-checked history; cutoff 2021-04-01, horizon 30 days, windows 30 and 90 days.
+TINY_ROWS = [
+    ("A", "O1", "2021-01-01 10:00", 6.0, "P1"),
+    ("A", "O1", "2021-01-01 10:00", 4.0, "P2"),
+    ("A", "O2", "2021-02-01 09:00", 20.0, "P1"),
+    ("A", "O3", "2021-03-20 18:30", 30.0, "P3"),
+    ("A", "C1", "2021-03-25 12:00", -5.0, "P3"),
+    ("A", "O4", "2021-04-10 08:00", 15.0, "P1"),
+    ("B", "O5", "2020-06-01 12:00", 100.0, "P4"),
+    ("B", "O6", "2021-03-31 23:59", 50.0, "P4"),
+    ("C", "O7", "2019-01-01 12:00", 10.0, "P1"),
+    ("C", "O8", "2021-04-05 12:00", 10.0, "P1"),
+    ("D", "O9", "2021-04-01 00:00", 10.0, "P1"),
+]
+
+
+@pytest.fixture
+def tiny_tx() -> pd.DataFrame:
+    return tx(TINY_ROWS)
+
+
+@pytest.fixture
+def tracking(tmp_path: Path) -> Iterator[str]:
+    """A fresh MLflow sqlite store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def needs_shared(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when the folder is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available (shared data is for developers and CI only)")
+    return path

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from churn.config import ParamsError, load_settings
+from tests.conftest import ROOT
+
+
+def test_project_params_load():
+    settings = load_settings(ROOT / "params.yaml")
+    assert settings.features.horizon_days == 90
+    assert settings.features.windows_days == (30, 90, 180, 365)
+    assert settings.data.transactions.path == (ROOT / "data" / "sample",)
+    assert settings.paths.metrics == ROOT / "reports" / "metrics.json"
+
+
+def test_dates_and_lists_are_parsed(make_settings):
+    settings = make_settings(
+        features={"test_cutoff": "2011-09-10"}, data={"transactions": {"path": ["a.csv", "b.csv"]}}
+    )
+    assert settings.features.test_cutoff == date(2011, 9, 10)
+    assert [p.name for p in settings.data.transactions.path] == ["a.csv", "b.csv"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"features": {"horizon_days": 0}}, r"features.horizon_days must be > 0, got 0"),
+        ({"features": {"horizon_dayz": 90}}, r"unknown key\(s\) \['horizon_dayz'\]"),
+        ({"features": {"n_snapshots": "four"}}, r"'features.n_snapshots' must be int"),
+        ({"features": {"test_cutoff": "next week"}}, r"must be a date YYYY-MM-DD"),
+        ({"train": {"feature_fraction": 1.5}}, r"train.feature_fraction must be in \(0, 1\]"),
+        ({"data": {"transactions": {"columns": {"ts": None}}}}, r"columns.ts must name"),
+        (
+            {"data": {"transactions": {"columns": {"amount": None, "unit_price": None}}}},
+            r"needs 'amount', or both 'quantity' and 'unit_price'",
+        ),
+        ({"data": {"transactions": {"format": "xml"}}}, r"format must be one of"),
+        ({"score": {"risk_tiers": {"high": 1.5}}}, r"score.risk_tiers"),
+    ],
+    ids=[
+        "zero-horizon",
+        "typo",
+        "wrong-type",
+        "bad-date",
+        "fraction",
+        "no-ts",
+        "no-amount",
+        "format",
+        "tiers",
+    ],
+)
+def test_bad_params_are_named(make_settings, overrides, message):
+    with pytest.raises(ParamsError, match=message):
+        make_settings(**overrides)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_settings(tmp_path / "params.yaml")

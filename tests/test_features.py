@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+from datetime import date
+
+import ibis
+import numpy as np
+import pandas as pd
+import pytest
+
+from churn.config import FeatureSettings
+from churn.features import (
+    RFM_SEGMENTS,
+    SnapshotError,
+    customer_features,
+    labelled_snapshot,
+    plan_snapshots,
+    rfm_scores,
+    rfm_segment,
+    snapshot_frame,
+    with_day,
+)
+from tests.conftest import tx
+
+CUTOFF = date(2021, 4, 1)
+SETTINGS = FeatureSettings(horizon_days=30, windows_days=(30, 90))
+
+
+def _snapshot(frame: pd.DataFrame, cutoff: date = CUTOFF) -> pd.DataFrame:
+    con = ibis.duckdb.connect()
+    table = with_day(con.create_table("tx", frame))
+    return snapshot_frame(labelled_snapshot(table, cutoff, SETTINGS)).set_index("customer_id")
+
+
+def test_hand_computed_features(tiny_tx):
+    snap = _snapshot(tiny_tx)
+    # C last bought 820 days before the cutoff (outside the 365-day lookback); D only at it.
+    assert sorted(snap.index) == ["A", "B"]
+    a, b = snap.loc["A"], snap.loc["B"]
+    expected_a = {
+        "recency_days": 12,
+        "tenure_days": 90,
+        "frequency": 3,
+        "monetary": 60.0,
+        "mean_order_value": 20.0,
+        "orders_30d": 1,
+        "spend_30d": 30.0,
+        "orders_90d": 3,
+        "spend_90d": 60.0,
+        "orders_trend": 4.0,
+        "spend_trend": 61.0,
+        "gap_mean_days": 39.0,
+        "gap_std_days": 8.0,
+        "overdue_ratio": 12 / 39,
+        "returned_value": 5.0,
+        "return_orders": 1,
+        "return_rate": 5 / 60,
+        "distinct_products": 3,
+        "churned": 0,
+    }
+    expected_b = {
+        "recency_days": 1,
+        "tenure_days": 304,
+        "frequency": 2,
+        "monetary": 150.0,
+        "mean_order_value": 75.0,
+        "orders_30d": 1,
+        "spend_30d": 50.0,
+        "orders_90d": 1,
+        "spend_90d": 50.0,
+        "orders_trend": 2.0,
+        "spend_trend": 51.0,
+        "gap_mean_days": 303.0,
+        "gap_std_days": 0.0,
+        "overdue_ratio": 1 / 303,
+        "returned_value": 0.0,
+        "return_orders": 0,
+        "return_rate": 0.0,
+        "distinct_products": 1,
+        "churned": 1,
+    }
+    for row, expected in ((a, expected_a), (b, expected_b)):
+        for name, value in expected.items():
+            assert row[name] == pytest.approx(value), name
+
+
+def test_single_purchase_customer_has_no_gap():
+    snap = _snapshot(tx([("E", "O1", "2021-03-01 10:00", 5.0)]))
+    assert np.isnan(snap.loc["E", "gap_mean_days"])
+    assert np.isnan(snap.loc["E", "overdue_ratio"])
+
+
+def test_rows_at_or_after_cutoff_change_labels_only(tiny_tx):
+    before = _snapshot(tiny_tx)
+    later = tx(
+        [
+            ("A", "X1", "2021-04-01 00:00", 999.0, "P9"),  # exactly at the cutoff
+            ("B", "X2", "2021-04-02 00:00", 10.0, "P9"),  # B now buys in the label window
+            ("B", "X3", "2021-04-03 00:00", -50.0, "P4"),  # a return after the cutoff
+            ("Z", "X4", "2021-05-01 00:00", 10.0, "P9"),  # a new customer after the cutoff
+        ]
+    )
+    after = _snapshot(pd.concat([tiny_tx, later], ignore_index=True))
+    features = [c for c in before.columns if c != "churned"]
+    pd.testing.assert_frame_equal(before[features], after[features])
+    assert after.loc["B", "churned"] == 0
+    assert before.loc["B", "churned"] == 1
+
+
+def test_label_window_is_half_open(tiny_tx):
+    # A's next purchase is 9 days after the cutoff: inside a 10-day window, outside a 9-day one.
+    con = ibis.duckdb.connect()
+    table = with_day(con.create_table("tx", tiny_tx))
+    for horizon, churned in ((10, 0), (9, 1)):
+        settings = FeatureSettings(horizon_days=horizon, windows_days=(30,))
+        snap = labelled_snapshot(table, CUTOFF, settings).to_pandas().set_index("customer_id")
+        assert snap.loc["A", "churned"] == churned
+
+
+def test_scoring_snapshot_has_no_label(tiny_tx):
+    table = with_day(ibis.duckdb.connect().create_table("tx", tiny_tx))
+    assert "churned" not in customer_features(table, CUTOFF, SETTINGS).columns
+
+
+@pytest.mark.parametrize(
+    ("r", "f", "segment"),
+    [
+        (5, 5, "Champions"),
+        (4, 4, "Champions"),
+        (3, 5, "Loyal"),
+        (5, 3, "Loyal"),
+        (5, 1, "New"),
+        (4, 2, "Potential"),
+        (3, 1, "Potential"),
+        (1, 5, "Can't lose"),
+        (2, 4, "At risk"),
+        (1, 3, "At risk"),
+        (2, 2, "Hibernating"),
+        (1, 1, "Lost"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_rfm_segment_rules(r, f, segment):
+    assert rfm_segment(np.array([r]), np.array([f]))[0] == segment
+
+
+def test_every_score_pair_has_one_known_segment():
+    r, f = np.meshgrid(np.arange(1, 6), np.arange(1, 6))
+    assert set(rfm_segment(r.ravel(), f.ravel())) == set(RFM_SEGMENTS)
+
+
+def test_rfm_scores_are_quintiles_within_each_cutoff():
+    frame = pd.DataFrame(
+        {
+            "cutoff": [1] * 10 + [2] * 5,
+            "recency_days": [*list(range(10)), 5, 5, 5, 5, 5],
+            "frequency": [*list(range(10, 0, -1)), 1, 2, 3, 4, 5],
+            "monetary": np.arange(15, dtype=float),
+        }
+    )
+    out = rfm_scores(frame)
+    assert out["r_score"].tolist()[:10] == [5, 5, 4, 4, 3, 3, 2, 2, 1, 1]
+    assert out["f_score"].tolist()[10:] == [1, 2, 3, 4, 5]
+    assert out["r_score"].tolist()[10:] == [3] * 5  # ties share a score
+    assert "r_score" not in frame.columns  # input not mutated
+
+
+def test_plan_places_cutoffs_out_of_time():
+    settings = FeatureSettings(horizon_days=90, n_snapshots=4, snapshot_step_days=30)
+    plan = plan_snapshots(date(2009, 12, 1), date(2011, 12, 9), settings)
+    assert plan.as_of == date(2011, 12, 10)
+    assert plan.test == date(2011, 9, 11)
+    assert plan.train == (
+        date(2011, 1, 14),
+        date(2011, 2, 13),
+        date(2011, 3, 15),
+        date(2011, 6, 13),
+    )
+    # Every training label window ends before the validation and test cutoffs it precedes.
+    for cutoff in plan.train[:-1]:
+        assert cutoff.toordinal() + 90 <= plan.train[-1].toordinal()
+
+
+def test_plan_rejects_unobserved_test_window():
+    settings = FeatureSettings(horizon_days=90, test_cutoff=date(2011, 10, 1))
+    with pytest.raises(SnapshotError, match="label window ends after the last transaction"):
+        plan_snapshots(date(2009, 12, 1), date(2011, 12, 9), settings)
+
+
+def test_plan_rejects_history_too_short():
+    with pytest.raises(SnapshotError, match=r"lower features\.n_snapshots"):
+        plan_snapshots(date(2011, 2, 1), date(2011, 12, 9), FeatureSettings())

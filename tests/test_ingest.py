@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from churn import ingest
+from churn.io import InputError
+from tests.conftest import SAMPLE
+
+MESSY = """Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode
+1001;13085.0;2021-01-01 10:00:00;2;3.0;P1
+1001;13085.0;2021-01-01 10:00:00;2;3.0;P1
+1002;;2021-01-02 10:00:00;1;5.0;P2
+1003;13086;not a date;1;5.0;P2
+1004;13086;2021-01-03 10:00:00;abc;5.0;P2
+C1005;13085;2021-01-04 10:00:00;-1;3.0;P1
+1006; 13087 ;2021-01-05 10:00:00;1;0.0;P3
+"""
+
+
+@pytest.fixture
+def messy_settings(tmp_path: Path, make_settings):
+    export = tmp_path / "export.csv"
+    export.write_text(MESSY, encoding="utf-8")
+    return make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
+
+
+def test_messy_rows_reconcile(messy_settings):
+    summary = ingest.run(messy_settings.data.transactions, messy_settings.paths)
+    assert summary.rows_read == 7
+    assert summary.duplicates_removed == 1
+    assert summary.rejected_by_reason == {
+        "missing_customer_id": 1,
+        "unparseable_ts": 1,
+        "non_finite_amount": 1,
+    }
+    assert summary.rows_kept == 3
+    assert summary.customers == 2
+    report = json.loads(messy_settings.paths.ingest_report.read_text())
+    assert report["reconciles"] is True
+    assert (
+        report["rows_read"]
+        == report["rows_kept"] + report["rows_rejected"] + report["duplicates_removed"]
+    )
+
+
+def test_kept_lines_are_canonical(messy_settings):
+    ingest.run(messy_settings.data.transactions, messy_settings.paths)
+    kept = pd.read_parquet(messy_settings.paths.transactions).sort_values("order_id")
+    assert kept["customer_id"].tolist() == ["13085", "13087", "13085"]
+    assert kept["order_id"].tolist() == ["1001", "1006", "C1005"]
+    assert kept["amount"].tolist() == [6.0, 0.0, -3.0]
+    assert kept["is_return"].tolist() == [False, False, True]
+    assert str(kept["ts"].iloc[0]) == "2021-01-01 10:00:00"
+
+
+def test_rejects_keep_source_text_and_reason(messy_settings):
+    ingest.run(messy_settings.data.transactions, messy_settings.paths)
+    rejects = pd.read_parquet(messy_settings.paths.rejects).set_index("source_order_id")
+    assert rejects.loc["1003", "source_ts"] == "not a date"
+    assert rejects.loc["1003", "reason"] == "unparseable_ts"
+    assert rejects.loc["1004", "source_quantity"] == "abc"
+
+
+def test_ts_format_parses_non_iso_dates(tmp_path, make_settings):
+    export = tmp_path / "us.csv"
+    export.write_text("cust,when,total\n1,03/15/2021,10.5\n2,15/03/2021,3\n")
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "ts_format": "%m/%d/%Y",
+                "columns": {
+                    "customer_id": "cust",
+                    "ts": "when",
+                    "amount": "total",
+                    "order_id": None,
+                    "quantity": None,
+                    "unit_price": None,
+                    "product_id": None,
+                },
+            }
+        }
+    )
+    summary = ingest.run(settings.data.transactions, settings.paths)
+    assert summary.rows_kept == 1
+    assert summary.rejected_by_reason["unparseable_ts"] == 1
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert kept["order_id"].iloc[0] == "1@03/15/2021"  # no order id column: one per timestamp
+
+
+def test_misspelt_column_suggests_the_closest(tmp_path, make_settings):
+    export = tmp_path / "export.csv"
+    export.write_text(MESSY.replace("Customer ID", "CustomerID"))
+    settings = make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
+    with pytest.raises(
+        InputError,
+        match=r"export.csv: column 'Customer ID'.*did you mean "
+        r"'CustomerID'",
+    ):
+        ingest.run(settings.data.transactions, settings.paths)
+    assert not settings.paths.transactions.exists()
+
+
+def test_missing_file_is_named(tmp_path, make_settings):
+    settings = make_settings(data={"transactions": {"path": str(tmp_path / "nope.csv")}})
+    with pytest.raises(InputError, match=r"nope.csv: input file not found"):
+        ingest.run(settings.data.transactions, settings.paths)
+
+
+def test_all_rows_rejected_stops(tmp_path, make_settings):
+    export = tmp_path / "export.csv"
+    export.write_text(
+        "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode\n1;;2021-01-01;1;1;P\n"
+    )
+    settings = make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
+    with pytest.raises(InputError, match="all 1 rows rejected"):
+        ingest.run(settings.data.transactions, settings.paths)
+    assert not settings.paths.ingest_report.exists()
+
+
+def test_bundled_online_retail_reconciles(make_settings):
+    settings = make_settings(data={"transactions": {"path": str(SAMPLE)}})
+    summary = ingest.run(settings.data.transactions, settings.paths)
+    assert summary.rows_read == 1_067_370
+    assert summary.customers == 5_942
+    assert (
+        summary.rows_read == summary.rows_kept + summary.rows_rejected + summary.duplicates_removed
+    )
+    # The two yearly files overlap on 2010-12-01..09: the overlap is removed as duplicates.
+    assert summary.duplicates_removed > 30_000
+    assert summary.first_ts == "2009-12-01 07:45:00"
+    assert summary.last_ts == "2011-12-09 12:50:00"
