@@ -134,3 +134,24 @@ def test_bundled_online_retail_reconciles(make_settings):
     assert summary.duplicates_removed > 30_000
     assert summary.first_ts == "2009-12-01 07:45:00"
     assert summary.last_ts == "2011-12-09 12:50:00"
+
+
+def test_excel_export_is_read(tmp_path, make_settings):
+    export = tmp_path / "orders.xlsx"
+    pd.DataFrame({"Invoice": ["1", "2"], "Customer ID": [7.0, 8.0],
+                  "InvoiceDate": ["2021-01-01 10:00:00", "2021-01-02 11:00:00"],
+                  "Quantity": [2, 1], "Price": [1.5, 4.0], "StockCode": ["A", "B"]}
+                 ).to_excel(export, index=False)
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    assert ingest.run(settings.data.transactions, settings.paths).rows_kept == 2
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["customer_id"].tolist() == ["7", "8"]
+    assert kept["amount"].tolist() == [3.0, 4.0]
+
+
+def test_unreadable_file_is_named(tmp_path, make_settings):
+    export = tmp_path / "broken.parquet"
+    export.write_bytes(b"not parquet at all")
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    with pytest.raises(InputError, match=r"broken.parquet: cannot read as parquet"):
+        ingest.run(settings.data.transactions, settings.paths)
