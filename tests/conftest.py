@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,45 @@ def needs_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available (shared data is for developers and CI only)")
     return path
+
+
+@dataclass(frozen=True)
+class TrainedPipeline:
+    """Ingest, features, train and evaluate run once on the bundled data, with a store."""
+
+    settings: Settings
+    root: Path
+    tracking_uri: str
+    model_version: str
+    run_id: str
+    metrics: dict[str, Any]
+    promoted: bool
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Iterator[TrainedPipeline]:
+    from churn import evaluate, features, ingest, train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    params = merge(project_params(), {"data": {"transactions": {"path": str(SAMPLE)}}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    settings = settings_from_dict(params, root)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    ingest.run(settings.data.transactions, settings.paths)
+    features.run(settings.features, settings.paths)
+    trained = train.run(settings.train, settings.mlflow, settings.paths, seed=settings.seed)
+    evaluated = evaluate.run(
+        settings.evaluate, settings.gate, settings.mlflow, settings.paths, horizon_days=90
+    )
+    yield TrainedPipeline(
+        settings,
+        root,
+        uri,
+        trained.model_version,
+        trained.run_id,
+        evaluated.metrics,
+        evaluated.promoted,
+    )
+    mlflow.set_tracking_uri(previous)

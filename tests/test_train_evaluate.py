@@ -2,129 +2,96 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 
-from churn import evaluate, features, ingest, score, train
-from churn.config import settings_from_dict
+from churn import evaluate, train
+from churn.config import GateSettings, TrainSettings
+from churn.evaluate import gate_decision
 from churn.model import load_model
-from tests.conftest import SAMPLE, merge, project_params
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    settings = settings_from_dict(
-        merge(project_params(), {"data": {"transactions": {"path": str(SAMPLE)}}}), root
-    )
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    ingest.run(settings.data.transactions, settings.paths)
-    features.run(settings.features, settings.paths)
-    trained = train.run(
-        settings.train, settings.mlflow, settings.paths, horizon_days=90, seed=settings.seed
-    )
-    evaluated = evaluate.run(settings.evaluate, settings.mlflow, settings.paths, horizon_days=90)
-    yield settings, uri, trained, evaluated
-    mlflow.set_tracking_uri(previous)
-
-
-def test_metrics_json_shape_and_model_beats_recency(trained):
-    settings, _, _, _ = trained
-    metrics = json.loads(settings.paths.metrics.read_text())
+def test_metrics_json_shape_and_model_beats_recency(pipeline):
+    metrics = json.loads(pipeline.settings.paths.metrics.read_text())
     keys = {"roc_auc", "pr_auc", "brier", "log_loss", "lift_at_10", "capture_at_20"}
     assert metrics["test_cutoff"] == "2011-09-11"
     assert metrics["horizon_days"] == 90
     assert metrics["n_customers"] > 4000
     assert 0 < metrics["churn_rate"] < 1
-    assert keys <= set(metrics["model"])
-    assert keys <= set(metrics["baselines"]["recency"])
-    assert keys <= set(metrics["baselines"]["rfm"])
+    for scorer in (metrics["model"], metrics["baselines"]["recency"], metrics["baselines"]["rfm"]):
+        assert keys <= set(scorer)
     assert metrics["model"]["roc_auc"] > metrics["baselines"]["recency"]["roc_auc"] + 0.03
     for kind in ("roc", "precision_recall", "gains", "calibration"):
-        assert (settings.paths.plots / f"{kind}.csv").exists()
+        assert (pipeline.settings.paths.plots / f"{kind}.csv").exists()
 
 
-def test_model_is_registered_with_aliases_and_logged(trained):
-    settings, _, result, evaluated = trained
+def test_model_is_registered_with_aliases_and_logged(pipeline):
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("churn", "champion")
-    challenger = client.get_model_version_by_alias("churn", "challenger")
-    assert str(champion.version) == str(challenger.version) == result.model_version
-    assert evaluated.promoted
-    run = client.get_run(result.run_id)
-    assert run.data.metrics["test_roc_auc"] == pytest.approx(evaluated.metrics["model"]["roc_auc"])
+    assert pipeline.promoted
+    assert str(champion.version) == pipeline.model_version
+    run = client.get_run(pipeline.run_id)
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(pipeline.metrics["model"]["roc_auc"])
     assert "validation_auc" in run.data.metrics
-    registered = load_model("models:/churn@champion")
-    local = load_model(str(settings.paths.model))
-    test = pd.read_parquet(settings.paths.features / "test.parquet")
+    assert run.data.tags["gate_decision"] == "promoted"
+    registered = load_model(f"models:/churn/{pipeline.model_version}")
+    local = load_model(str(pipeline.settings.paths.model))
+    test = pd.read_parquet(pipeline.settings.paths.features / "test.parquet")
     pd.testing.assert_series_equal(
         pd.Series(registered.predict_proba(test)), pd.Series(local.predict_proba(test))
     )
 
 
-def test_weaker_model_does_not_replace_champion(trained):
-    settings, _, result, evaluated = trained
-    weak = train.run(
-        type(settings.train)(max_rounds=2, num_leaves=2, early_stopping_rounds=1),
-        settings.mlflow,
-        settings.paths,
-        horizon_days=90,
-        seed=settings.seed,
+def test_weaker_model_does_not_replace_champion(pipeline, tmp_path):
+    s = pipeline.settings
+    paths = dataclasses.replace(
+        s.paths,
+        model=tmp_path / "model",
+        model_info=tmp_path / "info.json",
+        metrics=tmp_path / "metrics.json",
+        gate_report=tmp_path / "gate.json",
+        plots=tmp_path / "plots",
     )
-    outcome = evaluate.run(settings.evaluate, settings.mlflow, settings.paths, horizon_days=90)
-    assert outcome.metrics["model"]["roc_auc"] < evaluated.metrics["model"]["roc_auc"]
+    weak = train.run(
+        TrainSettings(max_rounds=2, num_leaves=2, early_stopping_rounds=1),
+        s.mlflow,
+        paths,
+        seed=s.seed,
+    )
+    outcome = evaluate.run(s.evaluate, s.gate, s.mlflow, paths, horizon_days=90)
+    assert outcome.metrics["model"]["roc_auc"] < pipeline.metrics["model"]["roc_auc"]
     assert not outcome.promoted
+    gate = json.loads(paths.gate_report.read_text())
+    assert gate["champion"]["version"] == pipeline.model_version
+    assert gate["champion"]["roc_auc"] == pytest.approx(pipeline.metrics["model"]["roc_auc"])
+    assert "below the champion's" in gate["reasons"][0]
     client = mlflow.MlflowClient()
     assert (
-        str(client.get_model_version_by_alias("churn", "champion").version) == result.model_version
+        str(client.get_model_version_by_alias("churn", "champion").version)
+        == pipeline.model_version
     )
     assert (
         str(client.get_model_version_by_alias("churn", "challenger").version) == weak.model_version
     )
 
 
-def test_cli_scores_registered_champion(trained, tmp_path):
-    settings, uri, result, _ = trained
-    out = tmp_path / "list.csv"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(project_params()))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "churn",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "score",
-            "--model",
-            "models:/churn@champion",
-            "--transactions",
-            str(settings.paths.transactions),
-            "--as-of",
-            "2011-12-10",
-            "--out",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promoted", "reason"),
+    [
+        ({"roc_auc": 0.80, "ece": 0.02}, None, True, "no champion"),
+        ({"roc_auc": 0.80, "ece": 0.02}, {"roc_auc": 0.81}, True, "within the gate"),
+        ({"roc_auc": 0.80, "ece": 0.02}, {"roc_auc": 0.83}, False, "max_auc_drop"),
+        ({"roc_auc": 0.90, "ece": 0.08}, {"roc_auc": 0.80}, False, "max_ece"),
+    ],
+    ids=["first", "small-drop", "big-drop", "badly-calibrated"],
+)
+def test_gate_decision(challenger, champion, promoted, reason):
+    decision, reasons = gate_decision(
+        challenger, champion, GateSettings(max_auc_drop=0.02, max_ece=0.05)
     )
-    assert done.returncode == 0, done.stderr
-    scored = pd.read_csv(out, dtype={"customer_id": str})
-    assert list(scored.columns) == list(score.RETENTION_COLUMNS)
-    snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
-    assert sorted(scored["customer_id"]) == sorted(snapshot["customer_id"])
-    assert (scored["model_version"].astype(str) == result.model_version).all()
-    assert scored["churn_probability"].is_monotonic_decreasing
-    assert (scored["as_of"] == "2011-12-10").all()
-    assert scored["top_reasons"].fillna("").str.count(";").max() <= 2
+    assert decision is promoted
+    assert reason in " ".join(reasons)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -32,13 +33,36 @@ class _State:
 state = _State()
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record, for log collectors (``CHURN_LOG_FORMAT=json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("CHURN_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ChurnError(f"CHURN_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+    handler = logging.StreamHandler()
+    if os.environ.get("CHURN_LOG_FORMAT", "text") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 @app.callback()
 def main_callback(params: ParamsOption = Path("params.yaml")) -> None:
-    """Set up logging; stages read their settings from PARAMS."""
-    logging.basicConfig(
-        level=os.environ.get("CHURN_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Set up logging (CHURN_LOG_LEVEL, CHURN_LOG_FORMAT=text|json); stages read PARAMS."""
+    _setup_logging()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     state.params = params
 
@@ -109,8 +133,8 @@ def train() -> None:
         settings.train,
         settings.mlflow,
         settings.paths,
-        horizon_days=settings.features.horizon_days,
         seed=settings.seed,
+        drift_bins=settings.drift.bins,
     )
     log.info(
         "train: run %s, model version %s, %d trees, validation AUC %.4f",
@@ -130,6 +154,7 @@ def evaluate() -> None:
     _tracking(settings)
     s = stage.run(
         settings.evaluate,
+        settings.gate,
         settings.mlflow,
         settings.paths,
         horizon_days=settings.features.horizon_days,
@@ -168,13 +193,19 @@ def score(
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="CSV to write.")] = None,
+    allow_drift: Annotated[
+        bool, typer.Option(help="Write the list even when drift exceeds drift.fail_psi.")
+    ] = False,
 ) -> None:
-    """Score every active customer into the retention list."""
-    import json
+    """Score every active customer into the retention list.
 
+    Exit codes: 2 bad input or params, 3 model contract mismatch, 4 drift above
+    drift.fail_psi.
+    """
     import pandas as pd
 
     from churn import score as stage
+    from churn.features import feature_spec
     from churn.model import load_model
 
     settings = _settings()
@@ -186,20 +217,50 @@ def score(
         snapshot = stage.scoring_snapshot(
             transactions, _as_of(as_of, transactions), settings.features
         )
+        spec = feature_spec(settings.features)
     else:
         snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
+        spec = json.loads((settings.paths.features / "spec.json").read_text())
     if model is None:
         version = json.loads(settings.paths.model_info.read_text())["model_version"]
     else:
         version = _registry_version(uri)
-    s = stage.run(
-        snapshot,
-        churn_model,
-        settings.score,
-        out or settings.paths.retention_list,
+    job = stage.ScoreJob(
+        out=out or settings.paths.retention_list,
+        drift_report=settings.paths.drift_report,
         model_version=version,
+        allow_drift=allow_drift,
     )
-    log.info("score: %d customers as of %s, by tier %s", s.customers, s.as_of, s.by_tier)
+    s = stage.run(snapshot, spec, churn_model, settings.score, settings.drift, job)
+    log.info(
+        "score: %d customers as of %s, by tier %s; drift %s",
+        s.customers,
+        s.as_of,
+        s.by_tier,
+        s.drift,
+    )
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="Registry version to make champion.")]):
+    """Point the champion alias at VERSION (the one it leaves can be restored by rollback)."""
+    from churn import registry
+
+    settings = _settings()
+    _tracking(settings)
+    old = registry.promote(settings.mlflow.registered_model, version)
+    log.info("champion: version %s (was %s)", version, old)
+
+
+@app.command()
+def rollback() -> None:
+    """Move the champion alias back to the version it replaced last."""
+    from churn import registry
+
+    settings = _settings()
+    _tracking(settings)
+    version = registry.rollback(settings.mlflow.registered_model)
+    log.info("champion: rolled back to version %s", version)
 
 
 def _as_of(text: str | None, transactions: Path) -> date:

@@ -45,6 +45,8 @@ class Paths:
     model_info: Path
     metrics: Path
     plots: Path
+    gate_report: Path
+    drift_report: Path
     retention_list: Path
 
 
@@ -103,9 +105,24 @@ class EvaluateSettings:
 
 
 @dataclass(frozen=True)
+class GateSettings:
+    max_auc_drop: float = 0.0
+    max_ece: float = 0.25
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    bins: int = 10
+    warn_psi: float = 0.1
+    fail_psi: float = 0.5
+    exempt: tuple[str, ...] = ("tenure_days",)
+
+
+@dataclass(frozen=True)
 class ScoreSettings:
     risk_tiers: dict[str, float] = field(default_factory=lambda: {"high": 0.7, "medium": 0.4})
     n_reasons: int = 3
+    chunk_rows: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,8 @@ class Settings:
     train: TrainSettings
     mlflow: MlflowSettings
     evaluate: EvaluateSettings
+    gate: GateSettings
+    drift: DriftSettings
     score: ScoreSettings
     seed: int = 42
 
@@ -274,6 +293,18 @@ def _validate(s: Settings) -> None:
     for name in ("top_fraction", "capture_fraction"):
         if not 0 < getattr(e, name) < 1:
             raise ParamsError(f"params: evaluate.{name} must be in (0, 1), got {getattr(e, name)}")
+    if s.gate.max_auc_drop < 0 or not 0 < s.gate.max_ece <= 1:
+        raise ParamsError(
+            f"params: gate.max_auc_drop must be >= 0 and gate.max_ece in (0, 1], "
+            f"got {s.gate.max_auc_drop} and {s.gate.max_ece}"
+        )
+    d = s.drift
+    if d.bins < 2 or not 0 < d.warn_psi <= d.fail_psi:
+        raise ParamsError(
+            f"params: drift needs bins >= 2 and 0 < warn_psi <= fail_psi, got "
+            f"bins={d.bins}, warn_psi={d.warn_psi}, fail_psi={d.fail_psi}"
+        )
+    _positive("score", chunk_rows=s.score.chunk_rows, n_reasons=s.score.n_reasons)
     tiers = s.score.risk_tiers
     if not tiers or any(not 0 < v < 1 for v in tiers.values()):
         raise ParamsError(

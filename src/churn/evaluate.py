@@ -3,23 +3,22 @@
 Baselines are one-score logistic models fitted on the training snapshots (never the test):
 ``recency`` uses days since the last purchase, ``rfm`` the sum of the RFM quintile scores.
 All scorers go through the same metric functions on the same customers. The new model gets
-the registry alias ``champion`` when its test ROC-AUC is at least the current champion's.
+the registry alias ``champion`` when, on this same snapshot, its ROC-AUC is at most
+``gate.max_auc_drop`` below the champion's and its calibration error within ``gate.max_ece``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from sklearn.linear_model import LogisticRegression
 
-from churn.config import EvaluateSettings, MlflowSettings, Paths
+from churn.config import EvaluateSettings, GateSettings, MlflowSettings, Paths
 from churn.features import LABEL
 from churn.io import write_csv, write_json
 from churn.metrics import (
@@ -30,9 +29,8 @@ from churn.metrics import (
     precision_recall_points,
     roc_points,
 )
-from churn.model import load_model
-
-CHAMPION, AUC_TAG = "champion", "test_roc_auc"
+from churn.model import ModelError, load_model
+from churn.registry import CHAMPION, promote, version_by_alias
 
 
 @dataclass(frozen=True)
@@ -90,8 +88,36 @@ def curves(y_true: np.ndarray, scorers: dict[str, np.ndarray]) -> dict[str, pd.D
     return tables
 
 
+def gate_decision(
+    challenger: dict[str, float], champion: dict[str, float] | None, settings: GateSettings
+) -> tuple[bool, list[str]]:
+    """Whether the challenger may become champion, with the reasons either way.
+
+    >>> gate_decision({"roc_auc": 0.80, "ece": 0.02}, {"roc_auc": 0.81, "ece": 0.01},
+    ...               GateSettings(max_auc_drop=0.02, max_ece=0.05))[0]
+    True
+    """
+    reasons = []
+    if challenger["ece"] > settings.max_ece:
+        reasons.append(f"ece {challenger['ece']:.4f} > gate.max_ece {settings.max_ece}")
+    if champion is not None and champion["roc_auc"] - challenger["roc_auc"] > settings.max_auc_drop:
+        reasons.append(
+            f"roc_auc {challenger['roc_auc']:.4f} is more than gate.max_auc_drop "
+            f"{settings.max_auc_drop} below the champion's {champion['roc_auc']:.4f}"
+        )
+    if not reasons:
+        reasons.append("no champion to compare with" if champion is None else "within the gate")
+        return True, reasons
+    return False, reasons
+
+
 def run(
-    settings: EvaluateSettings, tracking: MlflowSettings, paths: Paths, *, horizon_days: int
+    settings: EvaluateSettings,
+    gate: GateSettings,
+    tracking: MlflowSettings,
+    paths: Paths,
+    *,
+    horizon_days: int,
 ) -> EvaluateSummary:
     """Score the test snapshot, write metrics and plot data, and gate the champion alias."""
     test = pd.read_parquet(paths.features / "test.parquet")
@@ -101,7 +127,15 @@ def run(
     scorers = {"model": model.predict_proba(test), **baseline_probabilities(train, test)}
     scores = evaluation(y_true, scorers, settings)
     info = json.loads(paths.model_info.read_text())
-    promoted = _gate(tracking.registered_model, info["model_version"], scores["model"]["roc_auc"])
+    gate_report = _gate(
+        tracking.registered_model,
+        info["model_version"],
+        scores["model"],
+        test,
+        y_true,
+        settings,
+        gate,
+    )
     metrics = {
         "test_cutoff": str(test["cutoff"].iloc[0]),
         "horizon_days": horizon_days,
@@ -110,9 +144,10 @@ def run(
         "model": scores.pop("model"),
         "baselines": scores,
         "model_version": info["model_version"],
-        "promoted_to_champion": promoted,
+        "promoted_to_champion": gate_report["promoted"],
     }
     write_json(metrics, paths.metrics)
+    write_json(gate_report, paths.gate_report)
     for kind, table in curves(y_true, scorers).items():
         write_csv(table, paths.plots / f"{kind}.csv")
     write_csv(
@@ -121,28 +156,43 @@ def run(
     )
     with mlflow.start_run(run_id=info["run_id"]):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics["model"].items()})
+        mlflow.set_tag("gate_decision", "promoted" if gate_report["promoted"] else "kept")
+        mlflow.log_dict(gate_report, "gate.json")
         mlflow.log_artifact(str(paths.metrics))
-    return EvaluateSummary(metrics=metrics, promoted=promoted)
+    return EvaluateSummary(metrics=metrics, promoted=gate_report["promoted"])
 
 
-def _gate(name: str, version: str, roc_auc: float) -> bool:
-    """Tag ``version`` with its test AUC; make it champion unless the champion scores higher."""
-    client = mlflow.MlflowClient()
-    client.set_model_version_tag(name, version, AUC_TAG, f"{roc_auc:.6f}")
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    if (
-        champion is not None
-        and str(champion.version) != version
-        and float(champion.tags.get(AUC_TAG, "-inf")) > roc_auc
-    ):
-        return False
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return True
-
-
-def plot_files(paths: Paths) -> list[Path]:
-    """The plot data files this stage writes (declared as DVC plots)."""
-    return [paths.plots / f"{k}.csv" for k in ("roc", "precision_recall", "gains", "calibration")]
+def _gate(
+    name: str,
+    version: str,
+    challenger: dict[str, float],
+    test: pd.DataFrame,
+    y_true: np.ndarray,
+    settings: EvaluateSettings,
+    gate: GateSettings,
+) -> dict[str, Any]:
+    """Score the champion on the same test snapshot, decide, and move the alias if allowed."""
+    current = version_by_alias(name, CHAMPION)
+    champion, notes = None, []
+    if current is not None and str(current.version) != version:
+        try:
+            incumbent = load_model(f"models:/{name}@{CHAMPION}")
+            incumbent.matrix(test)  # the champion must be able to score this snapshot
+            champion = evaluation(y_true, {"c": incumbent.predict_proba(test)}, settings)["c"]
+        except ModelError as exc:
+            # A champion that cannot score today's snapshot cannot be compared: only the
+            # challenger's own checks decide, and the report says why.
+            notes.append(f"champion {current.version} not compared: {exc}")
+    promoted, reasons = gate_decision(challenger, champion, gate)
+    reasons = notes + reasons
+    if promoted:
+        promote(name, version)
+    return {
+        "promoted": promoted,
+        "reasons": reasons,
+        "challenger": {"version": version, **challenger},
+        "champion": None
+        if current is None or str(current.version) == version
+        else {"version": str(current.version), **(champion or {})},
+        "gate": {"max_auc_drop": gate.max_auc_drop, "max_ece": gate.max_ece},
+    }

@@ -8,8 +8,12 @@ Day arithmetic uses whole days since the epoch, which every engine computes the 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 from dataclasses import dataclass
 from datetime import date, timedelta
+from typing import Any
 
 import ibis
 import numpy as np
@@ -18,7 +22,7 @@ from ibis.expr import types as ir
 
 from churn import ChurnError
 from churn.config import FeatureSettings, Paths
-from churn.io import connect, write_parquet
+from churn.io import connect, write_json, write_parquet
 
 EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
@@ -111,8 +115,11 @@ def purchase_orders(tx: ir.Table, cutoff: date) -> ir.Table:
     return orders.filter(orders.value > 0)
 
 
-def order_features(orders: ir.Table, cutoff: date, windows: tuple[int, ...]) -> ir.Table:
-    """Recency, tenure, frequency, monetary and windowed counts/spend per customer."""
+def order_features(
+    orders: ir.Table, cutoff: date, windows: tuple[int, ...], horizon_days: int
+) -> ir.Table:
+    """Recency, tenure, frequency, monetary, windowed counts/spend and seasonality per
+    customer; the seasonal window is ``[cutoff - 365, cutoff - 365 + horizon)``."""
     c = day_number(cutoff)
     windowed = {}
     for w in windows:
@@ -121,6 +128,8 @@ def order_features(orders: ir.Table, cutoff: date, windows: tuple[int, ...]) -> 
         windowed[f"spend_{w}d"] = ibis.cases((inside, orders.value), else_=0.0).sum()
     previous = (orders.day >= c - 2 * TREND_DAYS) & (orders.day < c - TREND_DAYS)
     recent = orders.day >= c - TREND_DAYS
+    # Seasonality: what the customer did in the window a year before the label window.
+    last_year = (orders.day >= c - 365) & (orders.day < min(c - 365 + horizon_days, c))
     agg = orders.group_by("customer_id").agg(
         recency_days=c - orders.day.max(),
         tenure_days=c - orders.day.min(),
@@ -131,6 +140,8 @@ def order_features(orders: ir.Table, cutoff: date, windows: tuple[int, ...]) -> 
         _orders_previous=previous.cast("int64").sum(),
         _spend_recent=ibis.cases((recent, orders.value), else_=0.0).sum(),
         _spend_previous=ibis.cases((previous, orders.value), else_=0.0).sum(),
+        orders_same_window_last_year=last_year.cast("int64").sum(),
+        spend_same_window_last_year=ibis.cases((last_year, orders.value), else_=0.0).sum(),
         **windowed,
     )
     # Ratios are smoothed by one order / one unit of spend so new and idle customers stay finite.
@@ -166,7 +177,7 @@ def line_features(tx: ir.Table, cutoff: date) -> ir.Table:
 def customer_features(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> ir.Table:
     """All per-customer features at ``cutoff`` for customers active in the lookback window."""
     orders = purchase_orders(tx, cutoff)
-    base = order_features(orders, cutoff, settings.windows_days)
+    base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
     joined = base.left_join(gap_features(orders), "customer_id").drop("customer_id_right")
     joined = joined.left_join(line_features(tx, cutoff), "customer_id").drop("customer_id_right")
@@ -244,6 +255,37 @@ def snapshot_frame(expr: ir.Table) -> pd.DataFrame:
     return rfm_scores(frame)
 
 
+def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
+    """What a model trained on these snapshots relies on: horizon, windows, lookback, and a
+    hash of the feature definitions (their code and settings). Scoring compares it."""
+    code = "".join(
+        inspect.getsource(f)
+        for f in (
+            with_day,
+            purchase_orders,
+            order_features,
+            gap_features,
+            line_features,
+            customer_features,
+            rfm_scores,
+            rfm_segment,
+        )
+    )
+    defining = {
+        "code": code,
+        "windows_days": list(settings.windows_days),
+        "active_lookback_days": settings.active_lookback_days,
+        "trend_days": TREND_DAYS,
+    }
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+    return {
+        "feature_hash": digest[:16],
+        "horizon_days": settings.horizon_days,
+        "windows_days": list(settings.windows_days),
+        "active_lookback_days": settings.active_lookback_days,
+    }
+
+
 def run(settings: FeatureSettings, paths: Paths) -> FeaturesSummary:
     """Build the train, test and scoring snapshots from the canonical transaction table."""
     con = connect()
@@ -263,4 +305,13 @@ def run(settings: FeatureSettings, paths: Paths) -> FeaturesSummary:
                 "features.active_lookback_days and the cutoffs"
             )
         write_parquet(frame, paths.features / f"{name}.parquet")
+    write_json(
+        {
+            **feature_spec(settings),
+            "train_cutoffs": [str(c) for c in plan.train],
+            "test_cutoff": str(plan.test),
+            "as_of": str(plan.as_of),
+        },
+        paths.features / "spec.json",
+    )
     return FeaturesSummary(plan=plan, rows={k: len(v) for k, v in frames.items()})

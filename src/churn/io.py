@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ibis
 import pandas as pd
@@ -98,10 +98,38 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_text(target: Path) -> Iterator[TextIO]:
+    """Yield a text stream that becomes ``target`` only when the block ends without error.
+
+    On Linux the stream is an unnamed ``O_TMPFILE`` in the target's folder: a process killed
+    mid-write leaves no file behind at all, and the previous ``target`` stays as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except (AttributeError, OSError):  # no O_TMPFILE here: fall back to a named temporary
+        with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8", newline="") as stream:
+            yield stream
+        return
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+        yield stream
+        stream.flush()
+        os.fsync(fd)
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            # A dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW), which can name the file.
+            folder = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.link(f"/proc/self/fd/{fd}", tmp, src_dir_fd=folder, follow_symlinks=True)
+            finally:
+                os.close(folder)
+
+
 def write_json(data: dict[str, Any], target: Path) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    with atomic_text(target) as stream:
+        stream.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
@@ -113,7 +141,8 @@ def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
             frame.to_parquet(tmp)
 
 
-def write_csv(frame: pd.DataFrame, target: Path) -> None:
-    """Write a CSV atomically."""
-    with atomic_path(target) as tmp:
-        frame.to_csv(tmp, index=False)
+def write_csv(frame: pd.DataFrame, target: Path, *, chunk_rows: int = 100_000) -> None:
+    """Write a CSV atomically, ``chunk_rows`` rows at a time."""
+    with atomic_text(target) as stream:
+        for start in range(0, max(len(frame), 1), chunk_rows):
+            frame.iloc[start : start + chunk_rows].to_csv(stream, index=False, header=start == 0)

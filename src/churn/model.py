@@ -28,15 +28,39 @@ class ModelError(ChurnError):
 
 @dataclass(frozen=True)
 class ModelCard:
-    """What a model was trained on and how its scores are calibrated."""
+    """What a model was trained on, how its scores are calibrated, and what it expects.
+
+    ``reference`` holds drift profiles (see :mod:`churn.drift`) of every feature and of the
+    churn probability on the validation snapshot.
+    """
 
     features: list[str]
     horizon_days: int
+    feature_hash: str
     train_cutoffs: list[str]
     validation_cutoff: str
     best_iteration: int
     calibration_x: list[float]
     calibration_y: list[float]
+    reference: dict[str, dict[str, list[float]]]
+
+
+def contract_problems(
+    card: ModelCard, *, feature_hash: str, horizon_days: int, columns: list[str]
+) -> list[str]:
+    """What differs between a model's contract and the snapshot it is asked to score."""
+    problems = []
+    if card.horizon_days != horizon_days:
+        problems.append(f"horizon: model {card.horizon_days} days, params {horizon_days} days")
+    if card.feature_hash != feature_hash:
+        problems.append(
+            f"feature definitions: model {card.feature_hash}, "
+            f"current {feature_hash} (features.py or windows/lookback changed)"
+        )
+    missing = [f for f in card.features if f not in columns]
+    if missing:
+        problems.append(f"features missing from the snapshot: {missing}")
+    return problems
 
 
 def calibrate(raw: np.ndarray, x: list[float], y: list[float]) -> np.ndarray:
@@ -73,6 +97,28 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
             self.matrix(frame), pred_contrib=True, num_iteration=self._card.best_iteration
         )
         return pd.DataFrame(contrib[:, :-1], columns=self._card.features, index=frame.index)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The model's input columns, in training order."""
+        return list(self._card.features)
+
+    @property
+    def reference(self) -> dict[str, dict[str, list[float]]]:
+        """Drift profiles of the validation snapshot (features and ``churn_probability``)."""
+        return self._card.reference
+
+    def check_contract(self, *, feature_hash: str, horizon_days: int, columns: list[str]) -> None:
+        """Raise :class:`ModelError` naming every difference from the model's contract."""
+        problems = contract_problems(
+            self._card, feature_hash=feature_hash, horizon_days=horizon_days, columns=columns
+        )
+        if problems:
+            raise ModelError(
+                "the model does not fit this data: "
+                + "; ".join(problems)
+                + ". Retrain (dvc repro) or score with matching params."
+            )
 
     def matrix(self, frame: pd.DataFrame) -> np.ndarray:
         """The feature matrix in training order; a missing feature is a contract breach."""

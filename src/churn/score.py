@@ -5,17 +5,22 @@ Columns of the retention list, in order: see :data:`RETENTION_COLUMNS` and the R
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from churn.config import FeatureSettings, ScoreSettings
+from churn.config import DriftSettings, FeatureSettings, ScoreSettings
+from churn.drift import DriftError, drift_report
 from churn.features import customer_features, snapshot_frame, with_day
-from churn.io import InputError, connect, write_csv
+from churn.io import InputError, connect, write_csv, write_json
 from churn.model import ChurnModel
+
+log = logging.getLogger(__name__)
 
 RETENTION_COLUMNS = (
     "customer_id",
@@ -37,6 +42,7 @@ class ScoreSummary:
     customers: int
     as_of: str
     by_tier: dict[str, int]
+    drift: str
 
 
 def risk_deciles(probability: np.ndarray) -> np.ndarray:
@@ -82,15 +88,14 @@ def top_reasons(contributions: pd.DataFrame, values: pd.DataFrame, *, n: int) ->
 
 def retention_list(
     snapshot: pd.DataFrame,
-    model: ChurnModel,
+    probability: np.ndarray,
+    contributions: pd.DataFrame,
     settings: ScoreSettings,
     *,
     as_of: date,
     model_version: str,
 ) -> pd.DataFrame:
-    """Score a snapshot into the retention list, riskiest first."""
-    probability = model.predict_proba(snapshot)
-    contributions = model.contributions(snapshot)
+    """The retention list of a scored snapshot, riskiest first."""
     out = pd.DataFrame(
         {
             "customer_id": snapshot["customer_id"].to_numpy(),
@@ -124,25 +129,88 @@ def scoring_snapshot(transactions: Path, as_of: date, settings: FeatureSettings)
     return snapshot_frame(customer_features(tx, as_of, settings))
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """Where a scoring run writes, and how strict it is about drift."""
+
+    out: Path
+    drift_report: Path
+    model_version: str
+    allow_drift: bool = False
+
+
 def run(
     snapshot: pd.DataFrame,
+    spec: dict[str, Any],
     model: ChurnModel,
     settings: ScoreSettings,
-    out: Path,
-    *,
-    model_version: str,
+    drift: DriftSettings,
+    job: ScoreJob,
 ) -> ScoreSummary:
-    """Score ``snapshot`` (one cutoff) and write the retention list to ``out``."""
+    """Check the model's contract and drift, then write the retention list of ``snapshot``.
+
+    ``spec`` describes how the snapshot was built (``feature_hash``, ``horizon_days``).
+
+    Raises
+    ------
+    ModelError
+        When the model was trained on other feature definitions, horizon or columns.
+    DriftError
+        When a population moved beyond ``drift.fail_psi`` and ``job.allow_drift`` is off;
+        the drift report is written, the retention list is not.
+    """
     if snapshot.empty:
         raise InputError("no customer is active at the as-of date: nothing to score")
+    model.check_contract(
+        feature_hash=spec["feature_hash"],
+        horizon_days=spec["horizon_days"],
+        columns=list(snapshot.columns),
+    )
+    probability = model.predict_proba(snapshot)
+    report = population_drift(snapshot, probability, model, drift)
+    write_json(report, job.drift_report)
+    failing = [k for k, v in report["columns"].items() if v["status"] == "fail"]
+    if failing and not job.allow_drift:
+        raise DriftError(
+            f"population drift above drift.fail_psi={drift.fail_psi} in {failing} "
+            f"(see {job.drift_report}); investigate the input or pass --allow-drift"
+        )
+    moved = {k: v["psi"] for k, v in report["columns"].items() if v["status"] != "ok"}
+    if moved:
+        log.warning("drift above drift.warn_psi=%s: %s", drift.warn_psi, moved)
     as_of = snapshot["cutoff"].iloc[0]
-    table = retention_list(snapshot, model, settings, as_of=as_of, model_version=model_version)
-    write_csv(table[list(RETENTION_COLUMNS)], out)
+    table = retention_list(
+        snapshot,
+        probability,
+        model.contributions(snapshot),
+        settings,
+        as_of=as_of,
+        model_version=job.model_version,
+    )
+    log.info("writing %d rows to %s", len(table), job.out)
+    write_csv(table[list(RETENTION_COLUMNS)], job.out, chunk_rows=settings.chunk_rows)
     return ScoreSummary(
         customers=len(table),
         as_of=as_of.isoformat(),
         by_tier=table["risk_tier"].value_counts().to_dict(),
+        drift=report["status"],
     )
+
+
+def population_drift(
+    snapshot: pd.DataFrame, probability: np.ndarray, model: ChurnModel, drift: DriftSettings
+) -> dict[str, Any]:
+    """PSI of every model feature and of the churn probability against the model's profiles."""
+    current = {f: snapshot[f].to_numpy("float64") for f in model.feature_names}
+    current["churn_probability"] = probability
+    report = drift_report(
+        model.reference,
+        current,
+        warn_psi=drift.warn_psi,
+        fail_psi=drift.fail_psi,
+        exempt=drift.exempt,
+    )
+    return {"as_of": str(snapshot["cutoff"].iloc[0]), **report}
 
 
 def _fmt(value: object) -> str:

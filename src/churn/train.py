@@ -7,6 +7,7 @@ older snapshots fit the trees. The model is logged to MLflow, registered, given 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,10 @@ from sklearn.isotonic import IsotonicRegression
 
 from churn import ChurnError
 from churn.config import MlflowSettings, Paths, TrainSettings
+from churn.drift import profile
 from churn.features import ID_COLUMNS, LABEL
 from churn.io import write_json
-from churn.model import ChurnModel, ModelCard, write_artifacts
+from churn.model import ChurnModel, ModelCard, calibrate, write_artifacts
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
 
@@ -110,32 +112,50 @@ def fit_calibration(y_raw: np.ndarray, y_true: np.ndarray) -> tuple[list[float],
 
 
 def build_model(
-    snapshots: pd.DataFrame, settings: TrainSettings, *, horizon_days: int, seed: int
+    snapshots: pd.DataFrame,
+    settings: TrainSettings,
+    spec: dict[str, Any],
+    *,
+    seed: int,
+    drift_bins: int = 10,
 ) -> tuple[lgb.Booster, ModelCard, pd.DataFrame]:
-    """Fit booster and calibration; return them with the validation snapshot."""
+    """Fit booster and calibration; return them with the validation snapshot.
+
+    ``spec`` is the features stage's ``spec.json``: horizon and feature-definition hash.
+    """
     fit, valid = split_by_cutoff(snapshots)
     features = feature_columns(snapshots)
     booster = fit_booster(fit, valid, features, settings, seed=seed)
     raw = booster.predict(valid[features].astype("float64"), num_iteration=booster.best_iteration)
     cal_x, cal_y = fit_calibration(raw, valid[LABEL].to_numpy())
+    reference = {f: profile(valid[f].to_numpy("float64"), bins=drift_bins) for f in features}
+    reference["churn_probability"] = profile(calibrate(raw, cal_x, cal_y), bins=drift_bins)
     card = ModelCard(
         features=features,
-        horizon_days=horizon_days,
+        horizon_days=int(spec["horizon_days"]),
+        feature_hash=str(spec["feature_hash"]),
         train_cutoffs=sorted(str(c) for c in fit["cutoff"].unique()),
         validation_cutoff=str(valid["cutoff"].iloc[0]),
         best_iteration=int(booster.best_iteration),
         calibration_x=cal_x,
         calibration_y=cal_y,
+        reference=reference,
     )
     return booster, card, valid
 
 
 def run(
-    settings: TrainSettings, tracking: MlflowSettings, paths: Paths, *, horizon_days: int, seed: int
+    settings: TrainSettings,
+    tracking: MlflowSettings,
+    paths: Paths,
+    *,
+    seed: int,
+    drift_bins: int = 10,
 ) -> TrainSummary:
     """Train, log and register the model; save it under ``paths.model``."""
     snapshots = pd.read_parquet(paths.features / "train.parquet")
-    booster, card, valid = build_model(snapshots, settings, horizon_days=horizon_days, seed=seed)
+    spec = json.loads((paths.features / "spec.json").read_text())
+    booster, card, valid = build_model(snapshots, settings, spec, seed=seed, drift_bins=drift_bins)
     staging = paths.model.parent / f".{paths.model.name}.artifacts"
     artifacts = write_artifacts(booster, card, staging)
     example = valid[card.features].head(5).astype("float64")
@@ -145,7 +165,8 @@ def run(
         mlflow.log_params(
             {
                 **lgb_params(settings, seed),
-                "horizon_days": horizon_days,
+                "horizon_days": card.horizon_days,
+                "feature_hash": card.feature_hash,
                 "n_features": len(card.features),
                 "train_rows": len(snapshots),
                 "train_cutoffs": ",".join(card.train_cutoffs),
