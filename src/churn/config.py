@@ -95,6 +95,7 @@ class MlflowSettings:
     experiment: str = "churn"
     registered_model: str = "churn"
     tracking_uri: str | None = None
+    artifact_location: str | None = None  # for a new experiment; None = beside a sqlite store
 
 
 @dataclass(frozen=True)

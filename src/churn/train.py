@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
@@ -160,7 +161,7 @@ def run(
     artifacts = write_artifacts(booster, card, staging)
     example = valid[card.features].head(5).astype("float64")
     model = ChurnModel()
-    mlflow.set_experiment(tracking.experiment)
+    use_experiment(tracking)
     with mlflow.start_run() as active:
         mlflow.log_params(
             {
@@ -216,6 +217,21 @@ def run(
         best_iteration=card.best_iteration,
         validation_auc=validation_auc,
     )
+
+
+def use_experiment(tracking: MlflowSettings) -> None:
+    """Make ``tracking.experiment`` active, creating it where artifacts should live.
+
+    A new experiment on a ``sqlite:///path/mlflow.db`` store keeps its artifacts in
+    ``path/mlruns`` rather than in whatever folder the command happened to run from.
+    """
+    if mlflow.get_experiment_by_name(tracking.experiment) is None:
+        location = tracking.artifact_location
+        uri = mlflow.get_tracking_uri()
+        if location is None and uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
+        mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    mlflow.set_experiment(tracking.experiment)
 
 
 def _importance(booster: lgb.Booster) -> dict[str, dict[str, float]]:

@@ -1,0 +1,226 @@
+"""Unattended scoring: registry moves, contract and drift guards, atomic output, exit codes.
+
+Every test drives the real `churn` command in a subprocess against the session's trained
+pipeline and its MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from churn import score
+from tests.conftest import ROOT, merge
+
+pytestmark = pytest.mark.slow
+
+
+def churn(pipeline, *args: str, params: Path | None = None, **env: str):
+    """Run ``python -m churn`` with the pipeline's params and tracking store."""
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, **env}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "churn",
+            "--params",
+            str(params or pipeline.root / "params.yaml"),
+            *args,
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def score_args(pipeline, out: Path, transactions: Path | None = None) -> list[str]:
+    return [
+        "score",
+        "--model",
+        "models:/churn@champion",
+        "--transactions",
+        str(transactions or pipeline.settings.paths.transactions),
+        "--as-of",
+        "2011-12-10",
+        "--out",
+        str(out),
+    ]
+
+
+def test_scores_registered_champion_byte_identically(pipeline, tmp_path):
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    for out in (first, second):
+        done = churn(pipeline, *score_args(pipeline, out))
+        assert done.returncode == 0, done.stderr
+    assert first.read_bytes() == second.read_bytes()
+    scored = pd.read_csv(first, dtype={"customer_id": str})
+    assert list(scored.columns) == list(score.RETENTION_COLUMNS)
+    snapshot = pd.read_parquet(pipeline.settings.paths.features / "score.parquet")
+    assert sorted(scored["customer_id"]) == sorted(snapshot["customer_id"])
+    assert (scored["model_version"].astype(str) == pipeline.model_version).all()
+    assert scored["churn_probability"].is_monotonic_decreasing
+    assert (scored["as_of"] == "2011-12-10").all()
+
+
+def _params_with(pipeline, tmp_path: Path, **overrides) -> Path:
+    params = merge(yaml.safe_load((pipeline.root / "params.yaml").read_text()), overrides)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"features": {"horizon_days": 60}}, "horizon: model 90 days, params 60 days"),
+        ({"features": {"windows_days": [30, 90]}}, "feature definitions: model"),
+    ],
+    ids=["horizon", "windows"],
+)
+def test_contract_mismatch_exits_3_and_says_what_differs(pipeline, tmp_path, overrides, message):
+    out = tmp_path / "list.csv"
+    done = churn(
+        pipeline, *score_args(pipeline, out), params=_params_with(pipeline, tmp_path, **overrides)
+    )
+    assert done.returncode == 3, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_shifted_population_fails_on_drift_unless_allowed(pipeline, tmp_path):
+    # A synthetic population: the real customers, every amount multiplied by 25.
+    shifted = pd.read_parquet(pipeline.settings.paths.transactions)
+    shifted["amount"] = shifted["amount"] * 25
+    source = tmp_path / "shifted.parquet"
+    shifted.to_parquet(source)
+    params = _params_with(pipeline, tmp_path, paths={"drift_report": str(tmp_path / "d.json")})
+    out = tmp_path / "list.csv"
+    done = churn(pipeline, *score_args(pipeline, out, source), params=params)
+    assert done.returncode == 4, done.stderr
+    assert "population drift above drift.fail_psi" in done.stderr
+    assert not out.exists()
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["status"] == "fail"
+    assert report["columns"]["monetary"]["status"] == "fail"
+    assert report["columns"]["frequency"]["status"] == "ok"  # counts did not move
+    allowed = churn(pipeline, *score_args(pipeline, out, source), "--allow-drift", params=params)
+    assert allowed.returncode == 0, allowed.stderr
+    assert out.exists()
+
+
+def test_sigkill_mid_write_leaves_previous_list_and_no_partial_file(pipeline, tmp_path):
+    # A scoring snapshot ten times the bundled one, written 20 rows at a time.
+    features = tmp_path / "features"
+    features.mkdir()
+    base = pd.read_parquet(pipeline.settings.paths.features / "score.parquet")
+    big = pd.concat([base.assign(customer_id=base["customer_id"] + f"-{k}") for k in range(10)])
+    big.to_parquet(features / "score.parquet")
+    shutil.copy(pipeline.settings.paths.features / "spec.json", features / "spec.json")
+    out_dir = tmp_path / "scored"
+    out_dir.mkdir()
+    target = out_dir / "retention_list.csv"
+    target.write_text("previous list\n")
+    params = _params_with(
+        pipeline,
+        tmp_path,
+        paths={
+            "features": str(features),
+            "retention_list": str(target),
+            "model": str(pipeline.settings.paths.model),
+            "model_info": str(pipeline.settings.paths.model_info),
+            "drift_report": str(tmp_path / "drift.json"),
+        },
+        score={"chunk_rows": 100},
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "churn", "--params", str(params), "score", "--allow-drift"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri},
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "writing" in line:
+                process.send_signal(signal.SIGKILL)
+                break
+        assert process.wait(timeout=120) == -signal.SIGKILL
+    assert target.read_text() == "previous list\n"
+    assert [p.name for p in out_dir.iterdir()] == ["retention_list.csv"]
+
+
+def test_promote_and_rollback_move_the_champion(pipeline, tmp_path):
+    import dataclasses
+
+    from churn import train
+    from churn.config import TrainSettings
+
+    paths = dataclasses.replace(
+        pipeline.settings.paths, model=tmp_path / "m", model_info=tmp_path / "info.json"
+    )
+    other = train.run(
+        TrainSettings(max_rounds=3), pipeline.settings.mlflow, paths, seed=pipeline.settings.seed
+    ).model_version
+    promoted = churn(pipeline, "promote", other)
+    assert promoted.returncode == 0, promoted.stderr
+    assert _champion(pipeline) == other
+    rolled = churn(pipeline, "rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert _champion(pipeline) == pipeline.model_version
+    missing = churn(pipeline, "promote", "999")
+    assert missing.returncode == 2
+    assert "model 'churn' has no version 999" in missing.stderr
+
+
+def _champion(pipeline) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=pipeline.tracking_uri)
+    return str(client.get_model_version_by_alias("churn", "champion").version)
+
+
+def test_json_logs_and_bad_input_exit_code(pipeline, tmp_path):
+    done = churn(pipeline, *score_args(pipeline, tmp_path / "l.csv"), CHURN_LOG_FORMAT="json")
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert any(r["message"].startswith("score:") and r["level"] == "INFO" for r in records)
+    bad = churn(pipeline, *score_args(pipeline, tmp_path / "l.csv", tmp_path / "nope.parquet"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().endswith(
+        "transaction file not found (expected the Parquet file `churn ingest` writes)"
+    )
+
+
+def test_readme_production_script_runs_verbatim(pipeline, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    script = re.search(r"<!-- weekly-score.sh -->\s*```bash\n(.*?)```", readme, re.S)
+    assert script, "README lost its weekly-score.sh block"
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(pipeline.root / "params.yaml", project / "params.yaml")
+    shutil.copy(pipeline.root / "mlflow.db", project / "mlflow.db")
+    (project / "weekly-score.sh").write_text(script.group(1))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(
+        ["bash", "weekly-score.sh"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    scored = pd.read_csv(project / "data/scored/retention_list.csv")
+    assert len(scored) > 4000
+    assert (scored["model_version"].astype(str) == _champion(pipeline)).all()
