@@ -142,7 +142,7 @@ def test_sigkill_mid_write_leaves_previous_list_and_no_partial_file(pipeline, tm
             "model_info": str(pipeline.settings.paths.model_info),
             "drift_report": str(tmp_path / "drift.json"),
         },
-        score={"chunk_rows": 100},
+        score={"chunk_rows": 20},
     )
     with subprocess.Popen(
         [sys.executable, "-m", "churn", "--params", str(params), "score", "--allow-drift"],
