@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from churn.config import FeatureSettings
+from churn.config import RFM_SEGMENTS, FeatureSettings
 from churn.features import (
-    RFM_SEGMENTS,
     SnapshotError,
     customer_features,
     labelled_snapshot,

@@ -61,16 +61,39 @@ def score_args(pipeline, out: Path, transactions: Path | None = None) -> list[st
 def test_scores_registered_champion_byte_identically(pipeline, tmp_path):
     first, second = tmp_path / "first.csv", tmp_path / "second.csv"
     for out in (first, second):
-        done = churn(pipeline, *score_args(pipeline, out))
+        done = churn(pipeline, *score_args(pipeline, out), "--xlsx")
         assert done.returncode == 0, done.stderr
     assert first.read_bytes() == second.read_bytes()
-    scored = pd.read_csv(first, dtype={"customer_id": str})
-    assert list(scored.columns) == list(score.RETENTION_COLUMNS)
+    assert first.read_bytes().startswith(b"\xef\xbb\xbf")  # BOM: Excel reads it as UTF-8
+    scored = pd.read_csv(first, dtype={"customer_id": str}, encoding="utf-8-sig")
+    assert list(scored.columns) == score.retention_columns(3)
     snapshot = pd.read_parquet(pipeline.settings.paths.features / "score.parquet")
     assert sorted(scored["customer_id"]) == sorted(snapshot["customer_id"])
     assert (scored["model_version"].astype(str) == pipeline.model_version).all()
     assert scored["churn_probability"].is_monotonic_decreasing
     assert (scored["as_of"] == "2011-12-10").all()
+    assert scored["action"].notna().all()
+    assert scored["selected"].any()
+    workbook = pd.read_excel(first.with_suffix(".xlsx"), dtype={"customer_id": str})
+    assert workbook["customer_id"].tolist() == scored["customer_id"].tolist()
+
+
+def test_campaign_value_based_beats_top_probability(pipeline, tmp_path):
+    params = _params_with(pipeline, tmp_path, paths={"campaign_report": str(tmp_path / "c.json")})
+    done = churn(pipeline, *score_args(pipeline, tmp_path / "l.csv"), params=params)
+    assert done.returncode == 0, done.stderr
+    campaign = json.loads((tmp_path / "c.json").read_text())
+    budget = campaign["budget"]
+    assert 0 < campaign["value_based"]["spend"] <= budget
+    assert 0 < campaign["top_probability"]["spend"] <= budget
+    assert (
+        campaign["value_based"]["expected_value_saved"]
+        > campaign["top_probability"]["expected_value_saved"]
+    )
+    scored = pd.read_csv(tmp_path / "l.csv", encoding="utf-8-sig")
+    chosen = scored[scored["selected"]]
+    assert len(chosen) == campaign["value_based"]["customers"]
+    assert chosen["action_cost"].sum() == pytest.approx(campaign["value_based"]["spend"])
 
 
 def _params_with(pipeline, tmp_path: Path, **overrides) -> Path:

@@ -1,16 +1,29 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
+import pytest
 
-from churn.score import risk_deciles, risk_tiers, top_reasons
+from churn.actions import (
+    assign_actions,
+    expected_value_saved,
+    select_by_value,
+    select_top_probability,
+    value_bands,
+)
+from churn.config import ParamsError
+from churn.reasons import explain, has_phrase, phrase
+from churn.score import retention_columns, risk_deciles, risk_tiers
+from churn.train import feature_columns
+from tests.conftest import ROOT, project_params
 
 
 def test_deciles_split_twenty_customers_two_per_decile():
     probability = np.linspace(0.0, 0.95, 20)
     deciles = risk_deciles(probability)
     assert deciles[-1] == 1
-    assert deciles[-2] == 1
     assert deciles[0] == 10
     assert np.bincount(deciles)[1:].tolist() == [2] * 10
 
@@ -20,10 +33,119 @@ def test_tiers_use_highest_threshold_reached():
     assert tiers.tolist() == ["high", "medium", "medium", "low"]
 
 
-def test_top_reasons_take_positive_contributions_in_order():
+def test_reasons_are_sentences_from_the_customers_numbers():
     contributions = pd.DataFrame(
-        {"recency_days": [0.9, -0.2], "frequency": [0.1, -0.1], "spend_90d": [0.5, -0.3]}
+        {"recency_days": [0.9, -0.2], "overdue_ratio": [0.1, -0.1], "spend_trend": [0.5, -0.3]}
     )
-    values = pd.DataFrame({"recency_days": [143, 2], "frequency": [1, 9], "spend_90d": [0.0, 12.5]})
-    reasons = top_reasons(contributions, values, n=2)
-    assert reasons.tolist() == ["recency_days=143; spend_90d=0", ""]
+    snapshot = pd.DataFrame(
+        {"recency_days": [143, 2], "overdue_ratio": [3.2, 0.5], "spend_trend": [0.36, 1.5]}
+    )
+    out = explain(contributions, snapshot, n=2)
+    assert out.loc[0, "top_reasons"] == (
+        "no purchase for 143 days; spend down 64% vs the previous quarter"
+    )
+    assert out.loc[0, ["reason_1", "reason_2"]].tolist() == ["recency_days", "spend_trend"]
+    assert out.loc[1, ["reason_1", "reason_2", "top_reasons"]].tolist() == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    ("feature", "row", "sentence"),
+    [
+        ("overdue_ratio", {"overdue_ratio": 3.24}, "3.2x their usual gap between purchases"),
+        ("return_orders", {"return_orders": 2.0}, "2 returns so far"),
+        ("orders_90d", {"orders_90d": 1.0}, "1 order in the last 90 days"),
+        (
+            "overdue_ratio",
+            {"overdue_ratio": float("nan")},
+            "only one purchase day so far, no buying rhythm yet",
+        ),
+    ],
+    ids=["overdue", "returns", "window", "missing"],
+)
+def test_phrases(feature, row, sentence):
+    assert phrase(feature, row) == sentence
+
+
+def test_every_model_feature_has_a_phrase(pipeline):
+    snapshot = pd.read_parquet(pipeline.settings.paths.features / "train.parquet")
+    features = feature_columns(snapshot)
+    assert [f for f in features if not has_phrase(f)] == []
+    row = snapshot[features].iloc[0].to_dict()
+    assert all(phrase(f, row) for f in features)
+
+
+def _grid(settings):
+    rows = [
+        (s, t, v)
+        for s in ("Champions", "Lost", "New")
+        for t in ("high", "medium", "low")
+        for v in ("high", "medium", "low")
+    ]
+    return pd.DataFrame(rows, columns=["rfm_segment", "risk_tier", "value_band"])
+
+
+def test_default_rules_give_one_action_each(make_settings):
+    settings = make_settings()
+    grid = _grid(settings)
+    actions = assign_actions(grid, settings.actions)
+    assert (actions != "<NA>").all()
+    looked_up = dict(
+        zip(
+            zip(grid.rfm_segment, grid.risk_tier, grid.value_band, strict=True),
+            actions,
+            strict=True,
+        )
+    )
+    assert looked_up[("Champions", "high", "high")] == "vip_care_call"
+    assert looked_up[("Champions", "low", "medium")] == "referral_invitation"
+    assert looked_up[("Lost", "low", "low")] == "no_action"
+    assert looked_up[("New", "medium", "low")] == "welcome_back"
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        (lambda r: r[1:], r"without one, e.g. \[\('Champions', 'high', 'high'\)"),
+        (
+            lambda r: [*r, {"action": "no_action", "tiers": ["high"], "values": ["high"]}],
+            r"with several, e.g. \[\(\('Champions', 'high', 'high'\), \['vip_care_call', "
+            r"'no_action'\]",
+        ),
+        (lambda r: [{**r[0], "action": "free_car"}, *r[1:]], r"unknown action\(s\) \['free_car'\]"),
+    ],
+    ids=["gap", "overlap", "unknown"],
+)
+def test_rule_tables_with_gaps_or_overlaps_are_rejected(make_settings, rules, message):
+    table = project_params()["actions"]["rules"]
+    with pytest.raises(ParamsError, match=message):
+        make_settings(actions={"rules": rules(table)})
+
+
+def test_value_based_selection_beats_top_probability_by_hand(make_settings):
+    settings = make_settings(
+        actions={"catalogue": {"vip_care_call": {"label": "VIP", "cost": 10.0, "save_rate": 0.5}}}
+    )
+    frame = pd.DataFrame(
+        {
+            "customer_id": ["rich", "poor", "mid"],
+            "churn_probability": [0.6, 0.99, 0.5],
+            "customer_value": [1000.0, 5.0, 100.0],
+            "action": ["vip_care_call"] * 3,
+        }
+    )
+    frame = expected_value_saved(frame, settings.actions)
+    assert frame["expected_value_saved"].tolist() == pytest.approx([290.0, -7.525, 15.0])
+    assert select_by_value(frame, budget=20).tolist() == [True, False, True]
+    assert select_top_probability(frame, budget=20).tolist() == [True, True, False]
+
+
+def test_value_bands_by_quantile():
+    bands = value_bands(np.arange(10.0), {"high": 0.8, "medium": 0.5})
+    assert bands.tolist() == ["low"] * 5 + ["medium"] * 3 + ["high"] * 2
+
+
+def test_csv_columns_are_documented_in_readme_in_order():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The retention list", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.M)
+    assert documented == retention_columns(3)

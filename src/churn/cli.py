@@ -196,6 +196,9 @@ def score(
     allow_drift: Annotated[
         bool, typer.Option(help="Write the list even when drift exceeds drift.fail_psi.")
     ] = False,
+    xlsx: Annotated[
+        bool, typer.Option(help="Also write the list as an Excel workbook beside the CSV.")
+    ] = False,
 ) -> None:
     """Score every active customer into the retention list.
 
@@ -228,16 +231,32 @@ def score(
     job = stage.ScoreJob(
         out=out or settings.paths.retention_list,
         drift_report=settings.paths.drift_report,
+        campaign_report=settings.paths.campaign_report,
         model_version=version,
         allow_drift=allow_drift,
+        xlsx=xlsx,
     )
-    s = stage.run(snapshot, spec, churn_model, settings.score, settings.drift, job)
+    s = stage.run(
+        snapshot,
+        spec,
+        churn_model,
+        job,
+        settings=settings.score,
+        drift=settings.drift,
+        actions=settings.actions,
+        campaign=settings.campaign,
+    )
     log.info(
-        "score: %d customers as of %s, by tier %s; drift %s",
+        "score: %d customers as of %s, by tier %s; drift %s; selected %d for %.2f, "
+        "expected value saved %.2f (top-by-probability list: %.2f)",
         s.customers,
         s.as_of,
         s.by_tier,
         s.drift,
+        s.campaign["value_based"]["customers"],
+        s.campaign["value_based"]["spend"],
+        s.campaign["value_based"]["expected_value_saved"],
+        s.campaign["top_probability"]["expected_value_saved"],
     )
 
 

@@ -7,6 +7,7 @@ each stage the section it needs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,17 @@ CANONICAL_COLUMNS = (
     "channel",
 )
 FORMATS = ("auto", "csv", "parquet", "excel")
+RFM_SEGMENTS = (
+    "Champions",
+    "Loyal",
+    "Potential",
+    "New",
+    "At risk",
+    "Can't lose",
+    "Hibernating",
+    "Lost",
+)
+LOW = "low"  # the tier / value band of whatever no threshold reaches
 
 
 class ParamsError(ChurnError):
@@ -47,6 +59,7 @@ class Paths:
     plots: Path
     gate_report: Path
     drift_report: Path
+    campaign_report: Path
     retention_list: Path
 
 
@@ -127,6 +140,37 @@ class ScoreSettings:
 
 
 @dataclass(frozen=True)
+class Action:
+    """A retention action: what one contact costs and the share of churners it keeps."""
+
+    label: str
+    cost: float
+    save_rate: float
+
+
+@dataclass(frozen=True)
+class ActionRule:
+    """Customers in these segments, risk tiers and value bands get ``action`` (``*`` = all)."""
+
+    action: str
+    segments: tuple[str, ...] = ("*",)
+    tiers: tuple[str, ...] = ("*",)
+    values: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class ActionSettings:
+    catalogue: dict[str, Action]
+    rules: tuple[ActionRule, ...]
+    value_bands: dict[str, float] = field(default_factory=lambda: {"high": 0.8, "medium": 0.5})
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    budget: float = 5000.0
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: Paths
     data: DataSettings
@@ -137,6 +181,8 @@ class Settings:
     gate: GateSettings
     drift: DriftSettings
     score: ScoreSettings
+    actions: ActionSettings
+    campaign: CampaignSettings
     seed: int = 42
 
 
@@ -306,10 +352,54 @@ def _validate(s: Settings) -> None:
             f"bins={d.bins}, warn_psi={d.warn_psi}, fail_psi={d.fail_psi}"
         )
     _positive("score", chunk_rows=s.score.chunk_rows, n_reasons=s.score.n_reasons)
+    _validate_actions(s.actions, s.score.risk_tiers)
+    if not all(0 < v < 1 for v in s.actions.value_bands.values()):
+        raise ParamsError(
+            f"params: actions.value_bands are quantiles in (0, 1), got {s.actions.value_bands}"
+        )
+    if s.campaign.budget < 0:
+        raise ParamsError(f"params: campaign.budget must be >= 0, got {s.campaign.budget}")
     tiers = s.score.risk_tiers
     if not tiers or any(not 0 < v < 1 for v in tiers.values()):
         raise ParamsError(
             f"params: score.risk_tiers must map tier names to thresholds in (0, 1), got {tiers}"
+        )
+
+
+def _validate_actions(actions: ActionSettings, tiers: dict[str, float]) -> None:
+    """Every segment x tier x value band must resolve to exactly one known action."""
+    unknown = sorted({r.action for r in actions.rules} - set(actions.catalogue))
+    if unknown:
+        raise ParamsError(
+            f"params: actions.rules name unknown action(s) {unknown}; "
+            f"actions.catalogue has {sorted(actions.catalogue)}"
+        )
+    for action in actions.catalogue.values():
+        if action.cost < 0 or not 0 <= action.save_rate <= 1:
+            raise ParamsError(
+                f"params: action '{action.label}' needs cost >= 0 and save_rate "
+                f"in [0, 1], got {action.cost} and {action.save_rate}"
+            )
+    grid = {"segments": RFM_SEGMENTS, "tiers": (*tiers, LOW), "values": (*actions.value_bands, LOW)}
+    gaps, overlaps = [], []
+    for cell in itertools.product(*grid.values()):
+        hits = [
+            r.action
+            for r in actions.rules
+            if all(
+                "*" in getattr(r, axis) or value in getattr(r, axis)
+                for axis, value in zip(grid, cell, strict=True)
+            )
+        ]
+        if not hits:
+            gaps.append(cell)
+        elif len(hits) > 1:
+            overlaps.append((cell, hits))
+    if gaps or overlaps:
+        raise ParamsError(
+            "params: actions.rules must give every (segment, risk tier, value band) exactly one "
+            f"action; {len(gaps)} without one, e.g. {gaps[:3]}; {len(overlaps)} with several, "
+            f"e.g. {overlaps[:3]}"
         )
 
 

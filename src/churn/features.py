@@ -28,16 +28,6 @@ EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
 LABEL = "churned"
 TREND_DAYS = 90
-RFM_SEGMENTS = (
-    "Champions",
-    "Loyal",
-    "Potential",
-    "New",
-    "At risk",
-    "Can't lose",
-    "Hibernating",
-    "Lost",
-)
 
 
 class SnapshotError(ChurnError):

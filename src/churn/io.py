@@ -99,7 +99,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_text(target: Path) -> Iterator[TextIO]:
+def atomic_text(target: Path, *, encoding: str = "utf-8") -> Iterator[TextIO]:
     """Yield a text stream that becomes ``target`` only when the block ends without error.
 
     On Linux the stream is an unnamed ``O_TMPFILE`` in the target's folder: a process killed
@@ -109,10 +109,10 @@ def atomic_text(target: Path) -> Iterator[TextIO]:
     try:
         fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
     except (AttributeError, OSError):  # no O_TMPFILE here: fall back to a named temporary
-        with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8", newline="") as stream:
+        with atomic_path(target) as tmp, tmp.open("w", encoding=encoding, newline="") as stream:
             yield stream
         return
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+    with os.fdopen(fd, "w", encoding=encoding, newline="") as stream:
         yield stream
         stream.flush()
         os.fsync(fd)
@@ -141,8 +141,17 @@ def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
             frame.to_parquet(tmp)
 
 
-def write_csv(frame: pd.DataFrame, target: Path, *, chunk_rows: int = 100_000) -> None:
-    """Write a CSV atomically, ``chunk_rows`` rows at a time."""
-    with atomic_text(target) as stream:
+def write_csv(
+    frame: pd.DataFrame, target: Path, *, chunk_rows: int = 100_000, encoding: str = "utf-8"
+) -> None:
+    """Write a CSV atomically, ``chunk_rows`` rows at a time (``utf-8-sig`` adds Excel's BOM)."""
+    with atomic_text(target, encoding=encoding) as stream:
         for start in range(0, max(len(frame), 1), chunk_rows):
-            frame.iloc[start : start + chunk_rows].to_csv(stream, index=False, header=start == 0)
+            chunk = frame.iloc[start : start + chunk_rows]
+            chunk.to_csv(stream, index=False, header=start == 0)
+
+
+def write_xlsx(frame: pd.DataFrame, target: Path) -> None:
+    """Write an Excel workbook atomically."""
+    with atomic_path(target) as tmp:
+        frame.to_excel(tmp, index=False, engine="openpyxl")

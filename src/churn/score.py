@@ -1,6 +1,6 @@
 """Score stage: every customer active at the as-of date, ranked by churn risk.
 
-Columns of the retention list, in order: see :data:`RETENTION_COLUMNS` and the README.
+Columns of the retention list, in order: see :func:`retention_columns` and the README.
 """
 
 from __future__ import annotations
@@ -14,27 +14,50 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from churn.config import DriftSettings, FeatureSettings, ScoreSettings
+from churn.actions import (
+    assign_actions,
+    campaign_summary,
+    expected_value_saved,
+    select_by_value,
+    select_top_probability,
+    value_bands,
+)
+from churn.config import (
+    ActionSettings,
+    CampaignSettings,
+    DriftSettings,
+    FeatureSettings,
+    ScoreSettings,
+)
 from churn.drift import DriftError, drift_report
 from churn.features import customer_features, snapshot_frame, with_day
-from churn.io import InputError, connect, write_csv, write_json
+from churn.io import InputError, connect, write_csv, write_json, write_xlsx
 from churn.model import ChurnModel
+from churn.reasons import explain
 
 log = logging.getLogger(__name__)
 
-RETENTION_COLUMNS = (
+BASE_COLUMNS = (
     "customer_id",
     "as_of",
     "churn_probability",
     "risk_decile",
     "risk_tier",
     "rfm_segment",
+    "customer_value",
+    "value_band",
+    "value_at_risk",
     "recency_days",
     "frequency",
     "monetary",
-    "top_reasons",
-    "model_version",
 )
+ACTION_COLUMNS = ("action", "action_cost", "expected_value_saved", "selected", "model_version")
+
+
+def retention_columns(n_reasons: int) -> list[str]:
+    """The retention list's columns, in order: a contract documented in the README."""
+    reasons = [f"reason_{i + 1}" for i in range(n_reasons)]
+    return [*BASE_COLUMNS, *reasons, "top_reasons", *ACTION_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,7 @@ class ScoreSummary:
     as_of: str
     by_tier: dict[str, int]
     drift: str
+    campaign: dict[str, Any]
 
 
 def risk_deciles(probability: np.ndarray) -> np.ndarray:
@@ -67,23 +91,10 @@ def risk_tiers(probability: np.ndarray, thresholds: dict[str, float]) -> np.ndar
     return np.select([probability >= t for _, t in ordered], [n for n, _ in ordered], default="low")
 
 
-def top_reasons(contributions: pd.DataFrame, values: pd.DataFrame, *, n: int) -> pd.Series:
-    """The ``n`` features raising each customer's risk most, as ``name=value`` joined by ``; ``.
-
-    Only positive contributions count: a customer with none gets an empty string.
-    """
-    contrib = contributions.to_numpy()
-    names = np.asarray(contributions.columns)
-    order = np.argsort(-contrib, axis=1, kind="stable")[:, :n]
-    reasons = []
-    for row, idx in enumerate(order):
-        parts = [
-            f"{names[j]}={_fmt(values.iat[row, values.columns.get_loc(names[j])])}"
-            for j in idx
-            if contrib[row, j] > 0
-        ]
-        reasons.append("; ".join(parts))
-    return pd.Series(reasons, index=contributions.index)
+def customer_value(snapshot: pd.DataFrame) -> np.ndarray:
+    """Spend in the last 12 months net of the customer's return rate (never negative)."""
+    kept = 1 - np.clip(snapshot["return_rate"].to_numpy("float64"), 0, 1)
+    return np.clip(snapshot["spend_365d"].to_numpy("float64") * kept, 0, None)
 
 
 def retention_list(
@@ -91,31 +102,53 @@ def retention_list(
     probability: np.ndarray,
     contributions: pd.DataFrame,
     settings: ScoreSettings,
+    actions: ActionSettings,
     *,
     as_of: date,
     model_version: str,
 ) -> pd.DataFrame:
-    """The retention list of a scored snapshot, riskiest first."""
+    """The retention list of a scored snapshot with reasons and actions, riskiest first."""
+    value = customer_value(snapshot)
     out = pd.DataFrame(
         {
             "customer_id": snapshot["customer_id"].to_numpy(),
             "as_of": as_of.isoformat(),
-            "churn_probability": np.round(probability, 4),
+            "churn_probability": probability,
             "risk_decile": risk_deciles(probability),
             "risk_tier": risk_tiers(probability, settings.risk_tiers),
             "rfm_segment": snapshot["rfm_segment"].to_numpy(),
+            "customer_value": value,
+            "value_band": value_bands(value, actions.value_bands),
+            "value_at_risk": probability * value,
             "recency_days": snapshot["recency_days"].to_numpy(),
             "frequency": snapshot["frequency"].to_numpy(),
-            "monetary": np.round(snapshot["monetary"].to_numpy(dtype="float64"), 2),
-            "top_reasons": top_reasons(contributions, snapshot, n=settings.n_reasons).to_numpy(),
+            "monetary": snapshot["monetary"].to_numpy(dtype="float64"),
             "model_version": model_version,
         }
     )
+    out = out.join(explain(contributions, snapshot, n=settings.n_reasons).reset_index(drop=True))
+    out["action"] = assign_actions(out, actions)
+    out = expected_value_saved(out, actions)
     return out.sort_values(
         ["risk_decile", "churn_probability", "customer_id"],
         ascending=[True, False, True],
         kind="stable",
     ).reset_index(drop=True)
+
+
+def for_marketers(table: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
+    """The CSV view: contract columns, probabilities to 4 places, money to 2."""
+    out = table[retention_columns(n_reasons)].copy()
+    out["churn_probability"] = out["churn_probability"].round(4)
+    for money in (
+        "customer_value",
+        "value_at_risk",
+        "monetary",
+        "action_cost",
+        "expected_value_saved",
+    ):
+        out[money] = out[money].round(2)
+    return out
 
 
 def scoring_snapshot(transactions: Path, as_of: date, settings: FeatureSettings) -> pd.DataFrame:
@@ -135,17 +168,22 @@ class ScoreJob:
 
     out: Path
     drift_report: Path
+    campaign_report: Path
     model_version: str
     allow_drift: bool = False
+    xlsx: bool = False
 
 
 def run(
     snapshot: pd.DataFrame,
     spec: dict[str, Any],
     model: ChurnModel,
+    job: ScoreJob,
+    *,
     settings: ScoreSettings,
     drift: DriftSettings,
-    job: ScoreJob,
+    actions: ActionSettings,
+    campaign: CampaignSettings,
 ) -> ScoreSummary:
     """Check the model's contract and drift, then write the retention list of ``snapshot``.
 
@@ -184,16 +222,25 @@ def run(
         probability,
         model.contributions(snapshot),
         settings,
+        actions,
         as_of=as_of,
         model_version=job.model_version,
     )
+    table["selected"] = select_by_value(table, campaign.budget)
+    naive = select_top_probability(table, campaign.budget)
+    summary = campaign_summary(table, table["selected"].to_numpy(), naive, campaign.budget)
+    write_json(summary, job.campaign_report)
+    marketers = for_marketers(table, settings.n_reasons)
     log.info("writing %d rows to %s", len(table), job.out)
-    write_csv(table[list(RETENTION_COLUMNS)], job.out, chunk_rows=settings.chunk_rows)
+    write_csv(marketers, job.out, chunk_rows=settings.chunk_rows, encoding="utf-8-sig")
+    if job.xlsx:
+        write_xlsx(marketers, job.out.with_suffix(".xlsx"))
     return ScoreSummary(
         customers=len(table),
         as_of=as_of.isoformat(),
         by_tier=table["risk_tier"].value_counts().to_dict(),
         drift=report["status"],
+        campaign=summary,
     )
 
 
@@ -211,9 +258,3 @@ def population_drift(
         exempt=drift.exempt,
     )
     return {"as_of": str(snapshot["cutoff"].iloc[0]), **report}
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float | np.floating):
-        return "NaN" if np.isnan(value) else f"{value:.4g}"
-    return str(value)
