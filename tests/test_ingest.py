@@ -138,10 +138,16 @@ def test_bundled_online_retail_reconciles(make_settings):
 
 def test_excel_export_is_read(tmp_path, make_settings):
     export = tmp_path / "orders.xlsx"
-    pd.DataFrame({"Invoice": ["1", "2"], "Customer ID": [7.0, 8.0],
-                  "InvoiceDate": ["2021-01-01 10:00:00", "2021-01-02 11:00:00"],
-                  "Quantity": [2, 1], "Price": [1.5, 4.0], "StockCode": ["A", "B"]}
-                 ).to_excel(export, index=False)
+    pd.DataFrame(
+        {
+            "Invoice": ["1", "2"],
+            "Customer ID": [7.0, 8.0],
+            "InvoiceDate": ["2021-01-01 10:00:00", "2021-01-02 11:00:00"],
+            "Quantity": [2, 1],
+            "Price": [1.5, 4.0],
+            "StockCode": ["A", "B"],
+        }
+    ).to_excel(export, index=False)
     settings = make_settings(data={"transactions": {"path": str(export)}})
     assert ingest.run(settings.data.transactions, settings.paths).rows_kept == 2
     kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
