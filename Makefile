@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint check clean
+.PHONY: help install run test lint check clean screenshot
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,12 @@ run: install ## Run the whole pipeline (dvc repro) on the data named in params.y
 
 test: install ## Run the test suite
 	pytest
+
+screenshot: ## Render reports/retention_report.html to a PNG (needs Debian's chromium)
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
+	  --disable-component-update --no-first-run --user-data-dir=$$(mktemp -d) \
+	  --window-size=1280,2400 --screenshot=$(CURDIR)/reports/retention_report.png \
+	  file://$(CURDIR)/reports/retention_report.html
 
 lint: install ## ruff lint and format check
 	ruff check src tests

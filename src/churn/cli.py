@@ -261,6 +261,16 @@ def score(
 
 
 @app.command()
+def report() -> None:
+    """Write the self-contained HTML report for the marketing team."""
+    from churn import report as stage
+
+    settings = _settings()
+    s = stage.run(settings.paths)
+    log.info("report: %s (%d customers, value at risk %.0f)", s.path, s.customers, s.value_at_risk)
+
+
+@app.command()
 def promote(version: Annotated[str, typer.Argument(help="Registry version to make champion.")]):
     """Point the champion alias at VERSION (the one it leaves can be restored by rollback)."""
     from churn import registry

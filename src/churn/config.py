@@ -61,6 +61,7 @@ class Paths:
     drift_report: Path
     campaign_report: Path
     retention_list: Path
+    report: Path
 
 
 @dataclass(frozen=True)

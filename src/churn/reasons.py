@@ -31,13 +31,12 @@ def _plural(count: float, word: str) -> str:
 
 def _trend(kind: str) -> Callable[[Row], str]:
     def phrase(row: Row) -> str:
+        # The trend is (last 90 days + 1) / (the 90 before + 1): a jump from nothing is large.
         ratio = row[f"{kind}_trend"]
-        change = (1 - ratio) * 100
+        if ratio >= 10:
+            return f"{kind} jumped from almost nothing in the previous quarter"
         direction = "down" if ratio < 1 else "up"
-        return (
-            f"{'spend' if kind == 'spend' else 'orders'} {direction} {abs(change):.0f}% "
-            "vs the previous quarter"
-        )
+        return f"{kind} {direction} {abs(1 - ratio) * 100:.0f}% vs the previous quarter"
 
     return phrase
 
@@ -92,9 +91,45 @@ def phrase(feature: str, row: Row) -> str:
     return TEMPLATES[feature](row)
 
 
+LABELS = {
+    "recency_days": "days since the last purchase",
+    "overdue_ratio": "overdue against their usual gap",
+    "tenure_days": "time since the first purchase",
+    "frequency": "number of orders",
+    "monetary": "lifetime spend",
+    "mean_order_value": "average order value",
+    "orders_trend": "orders trend vs the previous quarter",
+    "spend_trend": "spend trend vs the previous quarter",
+    "gap_mean_days": "usual gap between purchases",
+    "gap_std_days": "irregular buying",
+    "returned_value": "value of returns",
+    "return_orders": "number of returns",
+    "return_rate": "returns as a share of spend",
+    "distinct_products": "product range bought",
+    "r_score": "recency score",
+    "f_score": "frequency score",
+    "m_score": "spend score",
+    "orders_same_window_last_year": "orders in this season last year",
+    "spend_same_window_last_year": "spend in this season last year",
+}
+
+
+def label(feature: str) -> str:
+    """A short name for a reason code, for tables and charts.
+
+    >>> label("spend_180d")
+    'spend in the last 180 days'
+    """
+    windowed = WINDOWED.match(feature)
+    if windowed:
+        kind, days = windowed.groups()
+        return f"{kind} in the last {days} days"
+    return LABELS.get(feature, feature.replace("_", " "))
+
+
 def has_phrase(feature: str) -> bool:
-    """Whether :func:`phrase` knows ``feature``."""
-    return feature in TEMPLATES or WINDOWED.match(feature) is not None
+    """Whether :func:`phrase` and :func:`label` know ``feature``."""
+    return (feature in TEMPLATES and feature in LABELS) or WINDOWED.match(feature) is not None
 
 
 def explain(contributions: pd.DataFrame, snapshot: pd.DataFrame, *, n: int) -> pd.DataFrame:
@@ -110,7 +145,8 @@ def explain(contributions: pd.DataFrame, snapshot: pd.DataFrame, *, n: int) -> p
     for row, idx in enumerate(order):
         picked = [names[j] for j in idx if contrib[row, j] > 0]
         codes.append(picked + [""] * (n - len(picked)))
-        sentences.append("; ".join(phrase(f, values[row]) for f in picked))
+        said = dict.fromkeys(phrase(f, values[row]) for f in picked)  # one sentence once
+        sentences.append("; ".join(said))
     out = pd.DataFrame(
         codes, columns=[f"reason_{i + 1}" for i in range(n)], index=contributions.index
     )
