@@ -25,7 +25,7 @@ from typing import Any
 import ibis
 from ibis.expr import types as ir
 
-from churn.config import Paths, TransactionSource
+from churn.config import CANONICAL_COLUMNS, Paths, TransactionSource
 from churn.io import (
     InputError,
     connect,
@@ -36,16 +36,6 @@ from churn.io import (
     write_parquet,
 )
 
-TEXT_COLUMNS = (
-    "customer_id",
-    "ts",
-    "order_id",
-    "amount",
-    "quantity",
-    "unit_price",
-    "product_id",
-    "channel",
-)
 REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
 
 
@@ -77,7 +67,7 @@ def source_lines(table: ir.Table, columns: dict[str, str | None], *, path: Path)
     """
     present = list(table.columns)
     selected = {}
-    for canonical in TEXT_COLUMNS:
+    for canonical in CANONICAL_COLUMNS:
         source = columns.get(canonical)
         if source is None:
             selected[canonical] = ibis.null().cast("string")
@@ -99,7 +89,7 @@ def parse_lines(
 
     The original text stays beside them as ``source_<column>`` for the rejects file.
     """
-    raw = raw.rename({f"source_{c}": c for c in TEXT_COLUMNS})
+    raw = raw.rename({f"source_{c}": c for c in CANONICAL_COLUMNS})
     customer = raw.source_customer_id.strip().re_replace(r"^(-?\d+)\.0+$", r"\1")
     customer = ibis.cases((customer == "", ibis.null("string")), else_=customer)
     ts_text = raw.source_ts.strip()
@@ -142,7 +132,7 @@ def canonical(parsed: ir.Table) -> ir.Table:
 def rejects(parsed: ir.Table) -> ir.Table:
     """The rejected lines of :func:`parse_lines`: their original text and the reason."""
     return parsed.filter(parsed.reason.notnull()).select(
-        *[f"source_{c}" for c in TEXT_COLUMNS], "reason"
+        *[f"source_{c}" for c in CANONICAL_COLUMNS], "reason"
     )
 
 

@@ -20,14 +20,19 @@ def _ranked(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     return np.asarray(y_true)[np.argsort(-np.asarray(y_score), kind="stable")]
 
 
+def _top(y_true: np.ndarray, y_score: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(labels of the riskiest ``fraction``, all labels ranked riskiest first)."""
+    ranked = _ranked(y_true, y_score)
+    return ranked[: max(1, math.ceil(fraction * len(ranked)))], ranked
+
+
 def lift_at(y_true: np.ndarray, y_score: np.ndarray, *, fraction: float) -> float:
     """Churn rate among the riskiest ``fraction`` of customers over the overall churn rate.
 
     >>> lift_at(np.array([1, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3]), fraction=0.25)
     4.0
     """
-    ranked = _ranked(y_true, y_score)
-    top = ranked[: max(1, math.ceil(fraction * len(ranked)))]
+    top, ranked = _top(y_true, y_score, fraction)
     return float(top.mean() / ranked.mean())
 
 
@@ -37,8 +42,7 @@ def capture_at(y_true: np.ndarray, y_score: np.ndarray, *, fraction: float) -> f
     >>> capture_at(np.array([1, 1, 0, 0]), np.array([0.9, 0.1, 0.8, 0.3]), fraction=0.5)
     0.5
     """
-    ranked = _ranked(y_true, y_score)
-    top = ranked[: max(1, math.ceil(fraction * len(ranked)))]
+    top, ranked = _top(y_true, y_score, fraction)
     return float(top.sum() / ranked.sum())
 
 
