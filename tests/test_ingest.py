@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from churn import ingest
+from churn import ChurnError, ingest
 from churn.io import InputError
 from tests.conftest import SAMPLE
 
@@ -161,3 +161,81 @@ def test_unreadable_file_is_named(tmp_path, make_settings):
     settings = make_settings(data={"transactions": {"path": str(export)}})
     with pytest.raises(InputError, match=r"broken.parquet: cannot read as parquet"):
         ingest.run(settings.data.transactions, settings.paths)
+
+
+def test_glob_reads_every_matching_file_and_drops_the_overlap(tmp_path, make_settings):
+    header = "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode\n"
+    shared = "2;8;2021-01-31 10:00:00;1;2.0;B\n"  # in both monthly exports
+    (tmp_path / "jan.csv").write_text(header + "1;7;2021-01-02 10:00:00;1;1.0;A\n" + shared)
+    (tmp_path / "feb.csv").write_text(header + shared + "3;7;2021-02-02 10:00:00;1;3.0;C\n")
+    (tmp_path / "notes.txt").write_text("not an export")
+    settings = make_settings(
+        data={"transactions": {"path": str(tmp_path / "*.csv"), "csv_delimiter": ";"}}
+    )
+    summary = ingest.run(settings.data.transactions, settings.paths)
+    assert len(summary.files) == 2
+    assert summary.rows_read == 4
+    assert summary.duplicates_removed == 1
+    assert summary.rows_kept == 3
+
+
+def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    export.write_text("c,t,v\n1,2021-06-01 10:00:00+00:00,5\n2,2021-06-01 10:00:00,5\n")
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "timezone": "Europe/Berlin",
+                "columns": {
+                    "customer_id": "c",
+                    "ts": "t",
+                    "amount": "v",
+                    "order_id": None,
+                    "quantity": None,
+                    "unit_price": None,
+                    "product_id": None,
+                },
+            }
+        }
+    )
+    ingest.run(settings.data.transactions, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
+    # 10:00 UTC is 12:00 in Berlin in summer; a naive time is already Berlin time.
+    assert [str(t) for t in kept["ts"]] == ["2021-06-01 12:00:00", "2021-06-01 10:00:00"]
+
+
+def test_unknown_time_zone_is_named(tmp_path, make_settings):
+    settings = make_settings(data={"transactions": {"timezone": "Mars/Olympus"}})
+    with pytest.raises(ChurnError, match=r"unknown time zone 'Mars/Olympus'"):
+        ingest.run(settings.data.transactions, settings.paths)
+
+
+def test_wrong_date_format_shows_examples_and_format(tmp_path, make_settings):
+    export = tmp_path / "us.csv"
+    export.write_text(
+        "c,t,v\n" + "".join(f"{i},13/0{i}/2021,1\n" for i in range(1, 6)) + "9,2021-01-01,1\n"
+    )
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "columns": {
+                    "customer_id": "c",
+                    "ts": "t",
+                    "amount": "v",
+                    "order_id": None,
+                    "quantity": None,
+                    "unit_price": None,
+                    "product_id": None,
+                },
+            }
+        }
+    )
+    with pytest.raises(
+        InputError,
+        match=r"5 of 6 rows have a date that does not parse with "
+        r"ISO 8601 \(ts_format: null\), e\.g\. \['13/0",
+    ):
+        ingest.run(settings.data.transactions, settings.paths)
+    assert not settings.paths.transactions.exists()

@@ -73,6 +73,7 @@ class TransactionSource:
     csv_delimiter: str = ","
     csv_encoding: str = "utf-8"
     return_order_prefix: str | None = "C"
+    timezone: str = "UTC"
 
 
 @dataclass(frozen=True)

@@ -288,12 +288,13 @@ def run(settings: FeatureSettings, paths: Paths) -> FeaturesSummary:
         "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings)),
         "score": snapshot_frame(customer_features(tx, plan.as_of, settings)),
     }
+    empty = [name for name, frame in frames.items() if frame.empty]
+    if empty:  # checked before anything is written: no partial snapshot set is left behind
+        raise SnapshotError(
+            f"the {' and '.join(empty)} snapshot(s) have no active customers; check "
+            "features.active_lookback_days and the cutoffs"
+        )
     for name, frame in frames.items():
-        if frame.empty:
-            raise SnapshotError(
-                f"the {name} snapshot has no active customers; check "
-                "features.active_lookback_days and the cutoffs"
-            )
         write_parquet(frame, paths.features / f"{name}.parquet")
     write_json(
         {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ibis
+import ibis.expr.datatypes as dt
 from ibis.expr import types as ir
 
 from churn.config import CANONICAL_COLUMNS, Paths, TransactionSource
@@ -93,7 +94,12 @@ def parse_lines(
     customer = raw.source_customer_id.strip().re_replace(r"^(-?\d+)\.0+$", r"\1")
     customer = ibis.cases((customer == "", ibis.null("string")), else_=customer)
     ts_text = raw.source_ts.strip()
-    ts = _try_strptime(ts_text, ts_format) if ts_format else ts_text.try_cast("timestamp")
+    if ts_format:
+        ts = _try_strptime(ts_text, ts_format)
+    else:
+        # Through a zoned type: an explicit offset is converted into the session's time zone
+        # (data.transactions.timezone); a naive time is taken as already being in it.
+        ts = ts_text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
     quantity = raw.source_quantity.strip().try_cast("float64")
     amount = (raw.source_amount.strip().try_cast("float64")).coalesce(
         quantity * raw.source_unit_price.strip().try_cast("float64")
@@ -138,7 +144,7 @@ def rejects(parsed: ir.Table) -> ir.Table:
 
 def run(source: TransactionSource, paths: Paths) -> IngestSummary:
     """Read the exports, deduplicate, parse, quarantine, and write table, rejects and report."""
-    con = connect()
+    con = connect(timezone=source.timezone)
     files = expand_inputs(source.path)
     per_file, frames = {}, []
     for path in files:
@@ -164,6 +170,7 @@ def run(source: TransactionSource, paths: Paths) -> IngestSummary:
         temp=True,
     )
     summary = _summarise(parsed, rows_read=rows_read, per_file=per_file)
+    _check_dates(parsed, summary, files=files, ts_format=source.ts_format)
     if summary.rows_kept == 0:
         raise InputError(
             f"{', '.join(map(str, files))}: all {rows_read} rows rejected "
@@ -174,6 +181,23 @@ def run(source: TransactionSource, paths: Paths) -> IngestSummary:
     write_parquet(rejects(parsed), paths.rejects)
     write_json(_report(summary), paths.ingest_report)
     return summary
+
+
+def _check_dates(
+    parsed: ir.Table, summary: IngestSummary, *, files: list[Path], ts_format: str | None
+) -> None:
+    """Stop when most dates do not parse: that is a wrong format, not a few bad rows."""
+    bad = summary.rejected_by_reason["unparseable_ts"]
+    if bad * 2 <= bad + summary.rows_kept + summary.rejected_by_reason["non_finite_amount"]:
+        return
+    failed = parsed.filter(parsed.reason == "unparseable_ts")
+    examples = failed.select("source_ts").limit(3).execute()["source_ts"].tolist()
+    tried = f"ts_format {ts_format!r}" if ts_format else "ISO 8601 (ts_format: null)"
+    raise InputError(
+        f"{', '.join(map(str, files))}: {bad} of {summary.rows_read - summary.duplicates_removed}"
+        f" rows have a date that does not parse with {tried}, e.g. {examples}; set "
+        'data.transactions.ts_format in params.yaml (e.g. "%d/%m/%Y %H:%M")'
+    )
 
 
 def _summarise(parsed: ir.Table, *, rows_read: int, per_file: dict[str, int]) -> IngestSummary:

@@ -31,16 +31,36 @@ class InputError(ChurnError):
     """An input file is missing, unreadable, or lacks what the params say it holds."""
 
 
-def connect() -> ibis.BaseBackend:
-    """An embedded DuckDB connection (in memory, spills to disk when needed)."""
-    return ibis.duckdb.connect()
+def connect(*, timezone: str = "UTC") -> ibis.BaseBackend:
+    """An embedded DuckDB connection (in memory, spills to disk when needed).
+
+    ``timezone`` is the session time zone that zoned timestamps are converted into.
+    """
+    con = ibis.duckdb.connect()
+    try:
+        con.raw_sql(f"SET TimeZone = '{timezone.replace(chr(39), '')}'")
+    except Exception as exc:  # DuckDB raises its own error types for unknown zones
+        raise ChurnError(
+            f"data.transactions.timezone: unknown time zone {timezone!r}; use an "
+            "IANA name such as 'UTC' or 'Europe/London'"
+        ) from exc
+    return con
 
 
 def expand_inputs(paths: tuple[Path, ...]) -> list[Path]:
-    """Files named by ``paths``: files as they are, directories by their data files, sorted."""
+    """Files named by ``paths``: files as they are, directories by their data files, glob
+    patterns (``exports/*.csv``) by their matches; sorted within each entry."""
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if any(ch in str(path) for ch in "*?["):
+            matches = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+            if not matches:
+                raise InputError(
+                    f"{path}: no file matches this pattern; check "
+                    "data.transactions.path in params.yaml"
+                )
+            files.extend(matches)
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIX_FORMATS)
             if not found:
                 raise InputError(f"{path}: directory holds no CSV, Parquet or Excel file")
