@@ -41,6 +41,7 @@ def make_settings(tmp_path: Path):
     """Settings from the project's params with overrides, paths under ``tmp_path``."""
 
     def _make(**overrides: Any) -> Settings:
+        (tmp_path / "data" / "events").mkdir(parents=True, exist_ok=True)  # as in the repo
         return settings_from_dict(merge(project_params(), overrides), tmp_path)
 
     return _make
@@ -128,13 +129,14 @@ def pipeline(tmp_path_factory) -> Iterator[TrainedPipeline]:
     from churn import evaluate, features, ingest, train
 
     root = tmp_path_factory.mktemp("pipeline")
+    (root / "data" / "events").mkdir(parents=True)
     params = merge(project_params(), {"data": {"transactions": {"path": str(SAMPLE)}}})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     settings = settings_from_dict(params, root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    ingest.run(settings.data.transactions, settings.paths)
+    ingest.run(settings.data, settings.paths)
     features.run(settings.features, settings.paths)
     trained = train.run(settings.train, settings.mlflow, settings.paths, seed=settings.seed)
     evaluated = evaluate.run(

@@ -9,6 +9,7 @@ import pytest
 
 from churn.config import RFM_SEGMENTS, FeatureSettings
 from churn.features import (
+    Engagement,
     SnapshotError,
     customer_features,
     labelled_snapshot,
@@ -188,3 +189,38 @@ def test_plan_rejects_unobserved_test_window():
 def test_plan_rejects_history_too_short():
     with pytest.raises(SnapshotError, match=r"lower features\.n_snapshots"):
         plan_snapshots(date(2011, 2, 1), date(2011, 12, 9), FeatureSettings())
+
+
+def test_hand_computed_engagement_features(tiny_tx):
+    events = pd.DataFrame(
+        {
+            "customer_id": ["A", "A", "A", "A", "A", "B"],
+            "ts": pd.to_datetime(
+                ["2021-03-25", "2021-02-10", "2021-03-30", "2021-03-31", "2021-04-02", "2020-10-01"]
+            ).astype("datetime64[us]"),
+            "event_type": ["visit", "visit", "nps", "nps", "nps", "complaint"],
+            "family": ["visit", "visit", "nps", "nps", "nps", "complaint"],
+            "value": [None, None, 9.0, 5.0, 10.0, None],
+        }
+    )
+    con = ibis.duckdb.connect()
+    engagement = Engagement(
+        events=with_day(con.create_table("ev", events)), families=("visit", "nps", "complaint")
+    )
+    table = with_day(con.create_table("tx", tiny_tx))
+    snap = customer_features(table, CUTOFF, SETTINGS, engagement).to_pandas()
+    a, b = snap.set_index("customer_id").loc["A"], snap.set_index("customer_id").loc["B"]
+    # A: visits 7 and 50 days before the cutoff; NPS 9 then 5 (the 10 is after the cutoff).
+    assert (a["visit_30d"], a["visit_90d"], a["nps_30d"]) == (1, 2, 2)
+    assert a["days_since_engagement"] == 1
+    assert (a["nps_last"], a["nps_mean"], a["nps_detractor"], a["nps_promoter"]) == (
+        5.0,
+        7.0,
+        1.0,
+        0.0,
+    )
+    assert a["engagement_trend"] == 5.0  # 4 events in the last 90 days, none before, smoothed
+    assert b["complaint_90d"] == 0
+    assert b["days_since_engagement"] == 182
+    assert np.isnan(b["nps_last"])
+    assert np.isnan(b["nps_detractor"])

@@ -29,7 +29,7 @@ def messy_settings(tmp_path: Path, make_settings):
 
 
 def test_messy_rows_reconcile(messy_settings):
-    summary = ingest.run(messy_settings.data.transactions, messy_settings.paths)
+    summary = ingest.run(messy_settings.data, messy_settings.paths)
     assert summary.rows_read == 7
     assert summary.duplicates_removed == 1
     assert summary.rejected_by_reason == {
@@ -48,7 +48,7 @@ def test_messy_rows_reconcile(messy_settings):
 
 
 def test_kept_lines_are_canonical(messy_settings):
-    ingest.run(messy_settings.data.transactions, messy_settings.paths)
+    ingest.run(messy_settings.data, messy_settings.paths)
     kept = pd.read_parquet(messy_settings.paths.transactions).sort_values("order_id")
     assert kept["customer_id"].tolist() == ["13085", "13087", "13085"]
     assert kept["order_id"].tolist() == ["1001", "1006", "C1005"]
@@ -58,7 +58,7 @@ def test_kept_lines_are_canonical(messy_settings):
 
 
 def test_rejects_keep_source_text_and_reason(messy_settings):
-    ingest.run(messy_settings.data.transactions, messy_settings.paths)
+    ingest.run(messy_settings.data, messy_settings.paths)
     rejects = pd.read_parquet(messy_settings.paths.rejects).set_index("source_order_id")
     assert rejects.loc["1003", "source_ts"] == "not a date"
     assert rejects.loc["1003", "reason"] == "unparseable_ts"
@@ -85,7 +85,7 @@ def test_ts_format_parses_non_iso_dates(tmp_path, make_settings):
             }
         }
     )
-    summary = ingest.run(settings.data.transactions, settings.paths)
+    summary = ingest.run(settings.data, settings.paths)
     assert summary.rows_kept == 1
     assert summary.rejected_by_reason["unparseable_ts"] == 1
     kept = pd.read_parquet(settings.paths.transactions)
@@ -101,14 +101,14 @@ def test_misspelt_column_suggests_the_closest(tmp_path, make_settings):
         match=r"export.csv: column 'Customer ID'.*did you mean "
         r"'CustomerID'",
     ):
-        ingest.run(settings.data.transactions, settings.paths)
+        ingest.run(settings.data, settings.paths)
     assert not settings.paths.transactions.exists()
 
 
 def test_missing_file_is_named(tmp_path, make_settings):
     settings = make_settings(data={"transactions": {"path": str(tmp_path / "nope.csv")}})
     with pytest.raises(InputError, match=r"nope.csv: input file not found"):
-        ingest.run(settings.data.transactions, settings.paths)
+        ingest.run(settings.data, settings.paths)
 
 
 def test_all_rows_rejected_stops(tmp_path, make_settings):
@@ -118,13 +118,13 @@ def test_all_rows_rejected_stops(tmp_path, make_settings):
     )
     settings = make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
     with pytest.raises(InputError, match="all 1 rows rejected"):
-        ingest.run(settings.data.transactions, settings.paths)
+        ingest.run(settings.data, settings.paths)
     assert not settings.paths.ingest_report.exists()
 
 
 def test_bundled_online_retail_reconciles(make_settings):
     settings = make_settings(data={"transactions": {"path": str(SAMPLE)}})
-    summary = ingest.run(settings.data.transactions, settings.paths)
+    summary = ingest.run(settings.data, settings.paths)
     assert summary.rows_read == 1_067_370
     assert summary.customers == 5_942
     assert (
@@ -149,7 +149,7 @@ def test_excel_export_is_read(tmp_path, make_settings):
         }
     ).to_excel(export, index=False)
     settings = make_settings(data={"transactions": {"path": str(export)}})
-    assert ingest.run(settings.data.transactions, settings.paths).rows_kept == 2
+    assert ingest.run(settings.data, settings.paths).rows_kept == 2
     kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
     assert kept["customer_id"].tolist() == ["7", "8"]
     assert kept["amount"].tolist() == [3.0, 4.0]
@@ -160,7 +160,7 @@ def test_unreadable_file_is_named(tmp_path, make_settings):
     export.write_bytes(b"not parquet at all")
     settings = make_settings(data={"transactions": {"path": str(export)}})
     with pytest.raises(InputError, match=r"broken.parquet: cannot read as parquet"):
-        ingest.run(settings.data.transactions, settings.paths)
+        ingest.run(settings.data, settings.paths)
 
 
 def test_glob_reads_every_matching_file_and_drops_the_overlap(tmp_path, make_settings):
@@ -172,7 +172,7 @@ def test_glob_reads_every_matching_file_and_drops_the_overlap(tmp_path, make_set
     settings = make_settings(
         data={"transactions": {"path": str(tmp_path / "*.csv"), "csv_delimiter": ";"}}
     )
-    summary = ingest.run(settings.data.transactions, settings.paths)
+    summary = ingest.run(settings.data, settings.paths)
     assert len(summary.files) == 2
     assert summary.rows_read == 4
     assert summary.duplicates_removed == 1
@@ -199,7 +199,7 @@ def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
             }
         }
     )
-    ingest.run(settings.data.transactions, settings.paths)
+    ingest.run(settings.data, settings.paths)
     kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
     # 10:00 UTC is 12:00 in Berlin in summer; a naive time is already Berlin time.
     assert [str(t) for t in kept["ts"]] == ["2021-06-01 12:00:00", "2021-06-01 10:00:00"]
@@ -208,7 +208,7 @@ def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
 def test_unknown_time_zone_is_named(tmp_path, make_settings):
     settings = make_settings(data={"transactions": {"timezone": "Mars/Olympus"}})
     with pytest.raises(ChurnError, match=r"unknown time zone 'Mars/Olympus'"):
-        ingest.run(settings.data.transactions, settings.paths)
+        ingest.run(settings.data, settings.paths)
 
 
 def test_wrong_date_format_shows_examples_and_format(tmp_path, make_settings):
@@ -237,5 +237,42 @@ def test_wrong_date_format_shows_examples_and_format(tmp_path, make_settings):
         match=r"5 of 6 rows have a date that does not parse with "
         r"ISO 8601 \(ts_format: null\), e\.g\. \['13/0",
     ):
-        ingest.run(settings.data.transactions, settings.paths)
+        ingest.run(settings.data, settings.paths)
     assert not settings.paths.transactions.exists()
+
+
+def test_events_are_ingested_into_families(tmp_path, make_settings, messy_settings):
+    events = tmp_path / "data" / "events" / "events.csv"
+    events.write_text(
+        "customer_id,ts,event_type,value\n"
+        "13085.0,2021-01-02 09:00:00,page_view,\n"
+        "13085,2021-01-03 09:00:00,nps,3\n"
+        "13087,2021-01-04 09:00:00,webinar,\n"
+        ",2021-01-04 09:00:00,visit,\n"
+        "13087,yesterday,visit,\n"
+        "13087,2021-01-05 09:00:00,,\n"
+        "13087,2021-01-05 09:00:00,,\n"
+    )
+    summary = ingest.run(messy_settings.data, messy_settings.paths)
+    assert summary.rows_kept == 3  # the transactions as before
+    kept = pd.read_parquet(messy_settings.paths.events).sort_values("ts")
+    assert kept["customer_id"].tolist() == ["13085", "13085", "13087"]
+    assert kept["family"].tolist() == ["visit", "nps", "other"]
+    assert kept["value"].iloc[1] == 3.0
+    report = json.loads(messy_settings.paths.ingest_report.read_text())["events"]
+    assert report["rejected_by_reason"] == {
+        "missing_customer_id": 1,
+        "unparseable_ts": 1,
+        "missing_event_type": 1,
+    }
+    assert report["duplicates_removed"] == 1
+    assert report["reconciles"] is True
+
+
+def test_without_events_an_empty_events_table_is_written(messy_settings):
+    ingest.run(messy_settings.data, messy_settings.paths)
+    events = pd.read_parquet(messy_settings.paths.events)
+    assert events.empty
+    assert list(events.columns) == ["customer_id", "ts", "event_type", "family", "value"]
+    report = json.loads(messy_settings.paths.ingest_report.read_text())
+    assert "events" not in report

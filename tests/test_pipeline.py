@@ -32,6 +32,7 @@ def repo(tmp_path_factory):
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, root / name)
     shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "events", root / "data" / "events")
     (root / "data" / "sample").mkdir(parents=True)
     for path in sorted(SAMPLE.glob("*.parquet")):
         frame = pd.read_parquet(path)

@@ -220,7 +220,7 @@ def test_json_logs_and_bad_input_exit_code(pipeline, tmp_path):
     bad = churn(pipeline, *score_args(pipeline, tmp_path / "l.csv", tmp_path / "nope.parquet"))
     assert bad.returncode == 2
     assert bad.stderr.strip().endswith(
-        "transaction file not found (expected the Parquet file `churn ingest` writes)"
+        "nope.parquet: file not found (expected a Parquet file `churn ingest` writes)"
     )
 
 
@@ -233,6 +233,7 @@ def test_readme_production_script_runs_verbatim(pipeline, tmp_path):
     shutil.copy(pipeline.root / "params.yaml", project / "params.yaml")
     shutil.copy(pipeline.root / "mlflow.db", project / "mlflow.db")
     (project / "weekly-score.sh").write_text(script.group(1))
+    (project / "data" / "events").mkdir(parents=True)  # as in a checkout: no event exports
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     done = subprocess.run(

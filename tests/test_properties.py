@@ -122,7 +122,7 @@ def test_ingest_never_loses_a_row_without_a_reason(make_settings, workdir, rows)
     settings_ = make_settings(data={"transactions": {"path": str(export)}})
     settings_.paths.transactions.unlink(missing_ok=True)  # examples share one folder
     try:
-        summary = ingest.run(settings_.data.transactions, settings_.paths)
+        summary = ingest.run(settings_.data, settings_.paths)
     except ingest.InputError as exc:
         refused = str(exc)  # only allowed when nothing at all is usable
     else:

@@ -94,7 +94,7 @@ def ingest() -> None:
     from churn import ingest as stage
 
     settings = _settings()
-    s = stage.run(settings.data.transactions, settings.paths)
+    s = stage.run(settings.data, settings.paths)
     log.info(
         "ingest: read %d rows, kept %d, rejected %d %s, removed %d duplicates; %d customers",
         s.rows_read,
@@ -112,7 +112,7 @@ def features() -> None:
     from churn import features as stage
 
     settings = _settings()
-    s = stage.run(settings.features, settings.paths)
+    s = stage.run(settings.features, settings.paths, families=tuple(settings.data.events.families))
     log.info(
         "features: train cutoffs %s, test %s, as-of %s; rows %s",
         [str(c) for c in s.plan.train],
@@ -192,6 +192,13 @@ def score(
             "after the last transaction.",
         ),
     ] = None,
+    events: Annotated[
+        Path | None,
+        typer.Option(
+            help="Canonical events Parquet (with --transactions), when the model "
+            "was trained with engagement events."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="CSV to write.")] = None,
     allow_drift: Annotated[
         bool, typer.Option(help="Write the list even when drift exceeds drift.fail_psi.")
@@ -208,7 +215,6 @@ def score(
     import pandas as pd
 
     from churn import score as stage
-    from churn.features import feature_spec
     from churn.model import load_model
 
     settings = _settings()
@@ -217,10 +223,13 @@ def score(
     uri = model or str(settings.paths.model)
     churn_model = load_model(uri)
     if transactions is not None:
-        snapshot = stage.scoring_snapshot(
-            transactions, _as_of(as_of, transactions), settings.features
+        snapshot, spec = stage.scoring_snapshot(
+            transactions,
+            _as_of(as_of, transactions),
+            settings.features,
+            events=events,
+            families=tuple(settings.data.events.families),
         )
-        spec = feature_spec(settings.features)
     else:
         snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
         spec = json.loads((settings.paths.features / "spec.json").read_text())

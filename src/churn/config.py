@@ -29,6 +29,7 @@ CANONICAL_COLUMNS = (
     "product_id",
     "channel",
 )
+EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
 RFM_SEGMENTS = (
     "Champions",
@@ -51,6 +52,8 @@ class ParamsError(ChurnError):
 class Paths:
     transactions: Path
     rejects: Path
+    events: Path
+    event_rejects: Path
     ingest_report: Path
     features: Path
     model: Path
@@ -77,8 +80,23 @@ class TransactionSource:
 
 
 @dataclass(frozen=True)
+class EventSource:
+    """Optional engagement events (visits, email opens, tickets, survey answers...)."""
+
+    path: tuple[Path, ...] = ()
+    columns: dict[str, str | None] = field(default_factory=lambda: {c: c for c in EVENT_COLUMNS})
+    families: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    format: str = "auto"
+    ts_format: str | None = None
+    csv_delimiter: str = ","
+    csv_encoding: str = "utf-8"
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
 class DataSettings:
     transactions: TransactionSource
+    events: EventSource = field(default_factory=EventSource)
 
 
 @dataclass(frozen=True)
@@ -251,7 +269,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if origin is tuple:
-        items = value if isinstance(value, list) else [value]
+        items = [] if value is None else value if isinstance(value, list) else [value]
         return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items))
     if origin is dict:
         if not isinstance(value, dict):
@@ -281,10 +299,13 @@ def _resolve_paths(settings: Settings, root: Path) -> Settings:
     paths = Paths(
         **{f.name: root / getattr(settings.paths, f.name) for f in dataclasses.fields(Paths)}
     )
-    source = settings.data.transactions
-    source = dataclasses.replace(source, path=tuple(root / p for p in source.path))
+    data = settings.data
+    transactions = dataclasses.replace(
+        data.transactions, path=tuple(root / p for p in data.transactions.path)
+    )
+    events = dataclasses.replace(data.events, path=tuple(root / p for p in data.events.path))
     return dataclasses.replace(
-        settings, paths=paths, data=dataclasses.replace(settings.data, transactions=source)
+        settings, paths=paths, data=DataSettings(transactions=transactions, events=events)
     )
 
 

@@ -13,6 +13,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import ibis
@@ -28,6 +29,7 @@ EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
 LABEL = "churned"
 TREND_DAYS = 90
+ENGAGEMENT_WINDOWS = (30, 90)
 
 
 class SnapshotError(ChurnError):
@@ -164,13 +166,62 @@ def line_features(tx: ir.Table, cutoff: date) -> ir.Table:
     )
 
 
-def customer_features(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> ir.Table:
+@dataclass(frozen=True)
+class Engagement:
+    """Canonical engagement events (with ``day``) and the families to count."""
+
+    events: ir.Table
+    families: tuple[str, ...]
+
+
+def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
+    """Counts per family in 30/90 days, days since the last event, the engagement trend,
+    and last and mean NPS / CSAT with NPS promoter and detractor flags."""
+    c = day_number(cutoff)
+    ev = engagement.events.filter(engagement.events.day < c)
+    counts = {
+        f"{family}_{w}d": ((ev.family == family) & (ev.day >= c - w)).cast("int64").sum()
+        for family in engagement.families
+        for w in ENGAGEMENT_WINDOWS
+    }
+    scores = {}
+    for survey in ("nps", "csat"):
+        if survey in engagement.families:
+            answered = ev.family == survey
+            scores[f"{survey}_last"] = ev.value.argmax(ev.ts, where=answered & ev.value.notnull())
+            scores[f"{survey}_mean"] = ev.value.mean(where=answered)
+    recent = ev.day >= c - TREND_DAYS
+    previous = (ev.day >= c - 2 * TREND_DAYS) & (ev.day < c - TREND_DAYS)
+    agg = ev.group_by("customer_id").agg(
+        days_since_engagement=c - ev.day.max(),
+        _recent=recent.cast("int64").sum(),
+        _previous=previous.cast("int64").sum(),
+        **counts,
+        **scores,
+    )
+    agg = agg.mutate(engagement_trend=(agg._recent + 1) / (agg._previous + 1))
+    if "nps_last" in agg.columns:
+        # 9-10 promoters, 0-6 detractors (the NPS convention); null when never answered.
+        agg = agg.mutate(
+            nps_promoter=(agg.nps_last >= 9).cast("float64"),
+            nps_detractor=(agg.nps_last <= 6).cast("float64"),
+        )
+    return agg.drop("_recent", "_previous")
+
+
+def customer_features(
+    tx: ir.Table, cutoff: date, settings: FeatureSettings, engagement: Engagement | None = None
+) -> ir.Table:
     """All per-customer features at ``cutoff`` for customers active in the lookback window."""
     orders = purchase_orders(tx, cutoff)
     base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
     joined = base.left_join(gap_features(orders), "customer_id").drop("customer_id_right")
     joined = joined.left_join(line_features(tx, cutoff), "customer_id").drop("customer_id_right")
+    if engagement is not None:
+        joined = joined.left_join(engagement_features(engagement, cutoff), "customer_id").drop(
+            "customer_id_right"
+        )
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         return_rate=joined.returned_value / joined.monetary,
@@ -185,9 +236,11 @@ def churn_labels(tx: ir.Table, cutoff: date, horizon_days: int) -> ir.Table:
     return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
 
 
-def labelled_snapshot(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> ir.Table:
+def labelled_snapshot(
+    tx: ir.Table, cutoff: date, settings: FeatureSettings, engagement: Engagement | None = None
+) -> ir.Table:
     """Features at ``cutoff`` joined with the label ``churned``."""
-    feats = customer_features(tx, cutoff, settings)
+    feats = customer_features(tx, cutoff, settings, engagement)
     joined = feats.left_join(churn_labels(tx, cutoff, settings.horizon_days), "customer_id")
     return (
         joined.drop("customer_id_right")
@@ -245,9 +298,10 @@ def snapshot_frame(expr: ir.Table) -> pd.DataFrame:
     return rfm_scores(frame)
 
 
-def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
-    """What a model trained on these snapshots relies on: horizon, windows, lookback, and a
-    hash of the feature definitions (their code and settings). Scoring compares it."""
+def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a model trained on these snapshots relies on: horizon, windows, lookback, event
+    families, and a hash of the feature definitions (their code and settings). Scoring
+    compares it."""
     code = "".join(
         inspect.getsource(f)
         for f in (
@@ -256,6 +310,7 @@ def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
             order_features,
             gap_features,
             line_features,
+            engagement_features,
             customer_features,
             rfm_scores,
             rfm_segment,
@@ -266,6 +321,7 @@ def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
         "windows_days": list(settings.windows_days),
         "active_lookback_days": settings.active_lookback_days,
         "trend_days": TREND_DAYS,
+        "engagement_families": list(families),
     }
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
     return {
@@ -273,20 +329,37 @@ def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
         "horizon_days": settings.horizon_days,
         "windows_days": list(settings.windows_days),
         "active_lookback_days": settings.active_lookback_days,
+        "engagement_families": list(families),
     }
 
 
-def run(settings: FeatureSettings, paths: Paths) -> FeaturesSummary:
-    """Build the train, test and scoring snapshots from the canonical transaction table."""
+def load_engagement(
+    con: ibis.BaseBackend, path: Path, families: tuple[str, ...]
+) -> Engagement | None:
+    """The canonical events file as an :class:`Engagement`, or ``None`` when it is empty."""
+    events = con.read_parquet(path)
+    if not families or int(events.count().execute()) == 0:
+        return None
+    return Engagement(events=with_day(events), families=families)
+
+
+def run(
+    settings: FeatureSettings, paths: Paths, *, families: tuple[str, ...] = ()
+) -> FeaturesSummary:
+    """Build the train, test and scoring snapshots from the canonical tables.
+
+    ``families`` are the engagement event families to count when events exist.
+    """
     con = connect()
     tx = with_day(con.read_parquet(paths.transactions))
+    engagement = load_engagement(con, paths.events, families)
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
-    train = ibis.union(*(labelled_snapshot(tx, c, settings) for c in plan.train))
+    train = ibis.union(*(labelled_snapshot(tx, c, settings, engagement) for c in plan.train))
     frames = {
         "train": snapshot_frame(train),
-        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings)),
-        "score": snapshot_frame(customer_features(tx, plan.as_of, settings)),
+        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings, engagement)),
+        "score": snapshot_frame(customer_features(tx, plan.as_of, settings, engagement)),
     }
     empty = [name for name, frame in frames.items() if frame.empty]
     if empty:  # checked before anything is written: no partial snapshot set is left behind
@@ -298,7 +371,7 @@ def run(settings: FeatureSettings, paths: Paths) -> FeaturesSummary:
         write_parquet(frame, paths.features / f"{name}.parquet")
     write_json(
         {
-            **feature_spec(settings),
+            **feature_spec(settings, engagement.families if engagement else ()),
             "train_cutoffs": [str(c) for c in plan.train],
             "test_cutoff": str(plan.test),
             "as_of": str(plan.as_of),

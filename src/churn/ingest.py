@@ -24,9 +24,17 @@ from typing import Any
 
 import ibis
 import ibis.expr.datatypes as dt
+import pandas as pd
 from ibis.expr import types as ir
 
-from churn.config import CANONICAL_COLUMNS, Paths, TransactionSource
+from churn.config import (
+    CANONICAL_COLUMNS,
+    EVENT_COLUMNS,
+    DataSettings,
+    EventSource,
+    Paths,
+    TransactionSource,
+)
 from churn.io import (
     InputError,
     connect,
@@ -38,6 +46,7 @@ from churn.io import (
 )
 
 REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
+EVENT_REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "missing_event_type")
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,15 @@ def _try_strptime(value: str, fmt: str) -> datetime:  # type: ignore[empty-body]
     """DuckDB's ``try_strptime``: null where the text does not match the format."""
 
 
-def source_lines(table: ir.Table, columns: dict[str, str | None], *, path: Path) -> ir.Table:
-    """Select the mapped source columns of one export as text, under canonical names.
+def source_lines(
+    table: ir.Table,
+    columns: dict[str, str | None],
+    *,
+    path: Path,
+    names: tuple[str, ...] = CANONICAL_COLUMNS,
+    section: str = "data.transactions",
+) -> ir.Table:
+    """Select the mapped source columns of one export as text, under canonical ``names``.
 
     Raises
     ------
@@ -68,7 +84,7 @@ def source_lines(table: ir.Table, columns: dict[str, str | None], *, path: Path)
     """
     present = list(table.columns)
     selected = {}
-    for canonical in CANONICAL_COLUMNS:
+    for canonical in names:
         source = columns.get(canonical)
         if source is None:
             selected[canonical] = ibis.null().cast("string")
@@ -77,10 +93,25 @@ def source_lines(table: ir.Table, columns: dict[str, str | None], *, path: Path)
             close = difflib.get_close_matches(source, present, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; columns are {present}"
             raise InputError(
-                f"{path}: column '{source}' (data.transactions.columns.{canonical}) not found{hint}"
+                f"{path}: column '{source}' ({section}.columns.{canonical}) not found{hint}"
             )
         selected[canonical] = table[source].cast("string")
     return table.select(**selected)
+
+
+def _customer(text: ir.StringValue) -> ir.StringValue:
+    """Trimmed customer id, ``13085.0`` -> ``13085``; null when empty."""
+    customer = text.strip().re_replace(r"^(-?\d+)\.0+$", r"\1")
+    return ibis.cases((customer == "", ibis.null("string")), else_=customer)
+
+
+def _timestamp(text: ir.StringValue, ts_format: str | None) -> ir.TimestampValue:
+    """Parsed timestamp, null where it does not parse."""
+    if ts_format:
+        return _try_strptime(text, ts_format)
+    # Through a zoned type: an explicit offset is converted into the session's time zone
+    # (data.*.timezone); a naive time is taken as already being in it.
+    return text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
 
 
 def parse_lines(
@@ -91,15 +122,9 @@ def parse_lines(
     The original text stays beside them as ``source_<column>`` for the rejects file.
     """
     raw = raw.rename({f"source_{c}": c for c in CANONICAL_COLUMNS})
-    customer = raw.source_customer_id.strip().re_replace(r"^(-?\d+)\.0+$", r"\1")
-    customer = ibis.cases((customer == "", ibis.null("string")), else_=customer)
+    customer = _customer(raw.source_customer_id)
     ts_text = raw.source_ts.strip()
-    if ts_format:
-        ts = _try_strptime(ts_text, ts_format)
-    else:
-        # Through a zoned type: an explicit offset is converted into the session's time zone
-        # (data.transactions.timezone); a naive time is taken as already being in it.
-        ts = ts_text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
+    ts = _timestamp(ts_text, ts_format)
     quantity = raw.source_quantity.strip().try_cast("float64")
     amount = (raw.source_amount.strip().try_cast("float64")).coalesce(
         quantity * raw.source_unit_price.strip().try_cast("float64")
@@ -142,26 +167,70 @@ def rejects(parsed: ir.Table) -> ir.Table:
     )
 
 
-def run(source: TransactionSource, paths: Paths) -> IngestSummary:
-    """Read the exports, deduplicate, parse, quarantine, and write table, rejects and report."""
-    con = connect(timezone=source.timezone)
-    files = expand_inputs(source.path)
+def parse_events(
+    raw: ir.Table, *, ts_format: str | None, families: dict[str, tuple[str, ...]]
+) -> ir.Table:
+    """Parse engagement events: customer, time, type, family (``other`` if unmapped), value."""
+    raw = raw.rename({f"source_{c}": c for c in EVENT_COLUMNS})
+    customer = _customer(raw.source_customer_id)
+    ts = _timestamp(raw.source_ts.strip(), ts_format)
+    event_type = raw.source_event_type.strip()
+    family = ibis.cases(
+        *[(event_type.isin(types), name) for name, types in families.items()], else_="other"
+    )
+    reason = ibis.cases(
+        (customer.isnull(), "missing_customer_id"),
+        (ts.isnull(), "unparseable_ts"),
+        (event_type.isnull() | (event_type == ""), "missing_event_type"),
+        else_=ibis.null("string"),
+    )
+    return raw.mutate(
+        customer_id=customer,
+        ts=ts,
+        event_type=event_type,
+        family=family,
+        value=raw.source_value.strip().try_cast("float64"),
+        reason=reason,
+    )
+
+
+def _read_unique(
+    con: ibis.BaseBackend,
+    source: TransactionSource | EventSource,
+    *,
+    names: tuple[str, ...],
+    section: str,
+) -> tuple[ir.Table, dict[str, int], list[Path]]:
+    """All exports of one source, exact duplicate lines removed, as text; rows per file."""
+    files = expand_inputs(source.path, section=section)
     per_file, frames = {}, []
     for path in files:
+        fmt = file_format(path, source.format)
         table = read_table(
-            con,
-            path,
-            file_format(path, source.format),
-            delimiter=source.csv_delimiter,
-            encoding=source.csv_encoding,
+            con, path, fmt, delimiter=source.csv_delimiter, encoding=source.csv_encoding
         )
         per_file[_display(path)] = int(table.count().execute())
-        frames.append(source_lines(table, source.columns, path=path))
-    rows_read = sum(per_file.values())
-    if rows_read == 0:
+        frames.append(source_lines(table, source.columns, path=path, names=names, section=section))
+    if sum(per_file.values()) == 0:
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
     unique = ibis.union(*frames, distinct=True) if len(frames) > 1 else frames[0].distinct()
-    unique = con.create_table("unique_lines", unique, temp=True)
+    return (
+        con.create_table(f"unique_{section.rpartition('.')[2]}", unique, temp=True),
+        per_file,
+        files,
+    )
+
+
+def run(data: DataSettings, paths: Paths) -> IngestSummary:
+    """Read the exports, deduplicate, parse, quarantine, and write tables, rejects and report.
+
+    Nothing is written unless both sources (transactions, and events when present) pass.
+    """
+    source, events = data.transactions, data.events
+    con = connect(timezone=source.timezone)
+    unique, per_file, files = _read_unique(
+        con, source, names=CANONICAL_COLUMNS, section="data.transactions"
+    )
     parsed = con.create_table(
         "parsed_lines",
         parse_lines(
@@ -169,38 +238,92 @@ def run(source: TransactionSource, paths: Paths) -> IngestSummary:
         ),
         temp=True,
     )
-    summary = _summarise(parsed, rows_read=rows_read, per_file=per_file)
-    _check_dates(parsed, summary, files=files, ts_format=source.ts_format)
-    if summary.rows_kept == 0:
-        raise InputError(
-            f"{', '.join(map(str, files))}: all {rows_read} rows rejected "
-            f"({summary.rejected_by_reason}); check the column mapping and "
-            "data.transactions.ts_format in params.yaml"
-        )
+    summary = _summarise(parsed, per_file=per_file, reasons=REJECT_REASONS)
+    _check_usable(
+        parsed, summary, files=files, ts_format=source.ts_format, section="data.transactions"
+    )
+    has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
+    event_tables = _ingest_events(events) if has_events else None
     write_parquet(canonical(parsed), paths.transactions)
     write_parquet(rejects(parsed), paths.rejects)
-    write_json(_report(summary), paths.ingest_report)
+    if event_tables is None:
+        write_parquet(EMPTY_EVENTS, paths.events)
+        write_parquet(EMPTY_EVENT_REJECTS, paths.event_rejects)
+        report = _report(summary)
+    else:
+        kept, rejected, event_summary = event_tables
+        write_parquet(kept, paths.events)
+        write_parquet(rejected, paths.event_rejects)
+        report = {**_report(summary), "events": _report(event_summary)}
+    write_json(report, paths.ingest_report)
     return summary
 
 
-def _check_dates(
-    parsed: ir.Table, summary: IngestSummary, *, files: list[Path], ts_format: str | None
-) -> None:
-    """Stop when most dates do not parse: that is a wrong format, not a few bad rows."""
-    bad = summary.rejected_by_reason["unparseable_ts"]
-    if bad * 2 <= bad + summary.rows_kept + summary.rejected_by_reason["non_finite_amount"]:
-        return
-    failed = parsed.filter(parsed.reason == "unparseable_ts")
-    examples = failed.select("source_ts").limit(3).execute()["source_ts"].tolist()
-    tried = f"ts_format {ts_format!r}" if ts_format else "ISO 8601 (ts_format: null)"
-    raise InputError(
-        f"{', '.join(map(str, files))}: {bad} of {summary.rows_read - summary.duplicates_removed}"
-        f" rows have a date that does not parse with {tried}, e.g. {examples}; set "
-        'data.transactions.ts_format in params.yaml (e.g. "%d/%m/%Y %H:%M")'
+EMPTY_EVENTS = pd.DataFrame(
+    {
+        "customer_id": pd.Series(dtype="string"),
+        "ts": pd.Series(dtype="datetime64[us]"),
+        "event_type": pd.Series(dtype="string"),
+        "family": pd.Series(dtype="string"),
+        "value": pd.Series(dtype="float64"),
+    }
+)
+
+
+EMPTY_EVENT_REJECTS = pd.DataFrame(
+    {f"source_{c}": pd.Series(dtype="string") for c in (*EVENT_COLUMNS, "reason")}
+).rename(columns={"source_reason": "reason"})
+
+
+def _ingest_events(source: EventSource) -> tuple[ir.Table, ir.Table, IngestSummary]:
+    con = connect(timezone=source.timezone)
+    unique, per_file, files = _read_unique(con, source, names=EVENT_COLUMNS, section="data.events")
+    parsed = con.create_table(
+        "parsed_events",
+        parse_events(unique, ts_format=source.ts_format, families=source.families),
+        temp=True,
     )
+    summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
+    _check_usable(parsed, summary, files=files, ts_format=source.ts_format, section="data.events")
+    kept = parsed.filter(parsed.reason.isnull()).select(
+        "customer_id", "ts", "event_type", "family", "value"
+    )
+    rejected = parsed.filter(parsed.reason.notnull()).select(
+        *[f"source_{c}" for c in EVENT_COLUMNS], "reason"
+    )
+    return kept, rejected, summary
 
 
-def _summarise(parsed: ir.Table, *, rows_read: int, per_file: dict[str, int]) -> IngestSummary:
+def _check_usable(
+    parsed: ir.Table,
+    summary: IngestSummary,
+    *,
+    files: list[Path],
+    ts_format: str | None,
+    section: str,
+) -> None:
+    """Stop when nothing is usable, or when most dates do not parse (a wrong format)."""
+    names = ", ".join(map(str, files))
+    bad = summary.rejected_by_reason["unparseable_ts"]
+    if bad * 2 > summary.rows_kept + summary.rows_rejected:
+        failed = parsed.filter(parsed.reason == "unparseable_ts")
+        examples = failed.select("source_ts").limit(3).execute()["source_ts"].tolist()
+        tried = f"ts_format {ts_format!r}" if ts_format else "ISO 8601 (ts_format: null)"
+        raise InputError(
+            f"{names}: {bad} of {summary.rows_kept + summary.rows_rejected} rows have a date "
+            f"that does not parse with {tried}, e.g. {examples}; set {section}.ts_format in "
+            'params.yaml (e.g. "%d/%m/%Y %H:%M")'
+        )
+    if summary.rows_kept == 0:
+        raise InputError(
+            f"{names}: all {summary.rows_read} rows rejected ({summary.rejected_by_reason}); "
+            f"check {section}.columns and {section}.ts_format in params.yaml"
+        )
+
+
+def _summarise(
+    parsed: ir.Table, *, per_file: dict[str, int], reasons: tuple[str, ...]
+) -> IngestSummary:
     counts = parsed.group_by(reason=parsed.reason.fill_null("kept")).agg(n=parsed.count())
     by_reason = dict(counts.execute().itertuples(index=False, name=None))
     kept = parsed.filter(parsed.reason.isnull())
@@ -211,13 +334,13 @@ def _summarise(parsed: ir.Table, *, rows_read: int, per_file: dict[str, int]) ->
         .execute()
         .iloc[0]
     )
-    n_unique = sum(by_reason.values())
-    rejected = {r: int(by_reason.get(r, 0)) for r in REJECT_REASONS}
+    rows_read = sum(per_file.values())
+    rejected = {r: int(by_reason.get(r, 0)) for r in reasons}
     return IngestSummary(
         rows_read=rows_read,
         rows_kept=int(by_reason.get("kept", 0)),
         rows_rejected=sum(rejected.values()),
-        duplicates_removed=rows_read - n_unique,
+        duplicates_removed=rows_read - sum(by_reason.values()),
         rejected_by_reason=rejected,
         customers=int(stats["customers"]),
         first_ts=None if stats["first_ts"] is None else str(stats["first_ts"]),

@@ -47,9 +47,12 @@ def connect(*, timezone: str = "UTC") -> ibis.BaseBackend:
     return con
 
 
-def expand_inputs(paths: tuple[Path, ...]) -> list[Path]:
+def expand_inputs(
+    paths: tuple[Path, ...], *, allow_empty: bool = False, section: str = "data.transactions"
+) -> list[Path]:
     """Files named by ``paths``: files as they are, directories by their data files, glob
-    patterns (``exports/*.csv``) by their matches; sorted within each entry."""
+    patterns (``exports/*.csv``) by their matches; sorted within each entry. With
+    ``allow_empty`` a folder without data files names no file instead of failing."""
     files: list[Path] = []
     for path in paths:
         if any(ch in str(path) for ch in "*?["):
@@ -57,19 +60,19 @@ def expand_inputs(paths: tuple[Path, ...]) -> list[Path]:
             if not matches:
                 raise InputError(
                     f"{path}: no file matches this pattern; check "
-                    "data.transactions.path in params.yaml"
+                    f"{section}.path in params.yaml"
                 )
             files.extend(matches)
         elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIX_FORMATS)
-            if not found:
+            if not found and not allow_empty:
                 raise InputError(f"{path}: directory holds no CSV, Parquet or Excel file")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
             raise InputError(
-                f"{path}: input file not found; check data.transactions.path in params.yaml"
+                f"{path}: input file not found; check {section}.path in params.yaml"
             )
     return files
 

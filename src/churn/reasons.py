@@ -65,8 +65,23 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
     "spend_same_window_last_year": lambda r: (
         f"spent {_money(r['spend_same_window_last_year'])} in this season last year"
     ),
+    "days_since_engagement": lambda r: (
+        f"no visit, email or other contact for {_n(r['days_since_engagement'])} days"
+    ),
+    "engagement_trend": lambda r: (
+        f"engagement {'down' if r['engagement_trend'] < 1 else 'up'} "
+        f"{abs(1 - r['engagement_trend']) * 100:.0f}% vs the previous quarter"
+    ),
+    "nps_last": lambda r: f"last NPS answer {r['nps_last']:.0f} of 10",
+    "nps_mean": lambda r: f"average NPS answer {r['nps_mean']:.1f} of 10",
+    "nps_promoter": lambda r: "a promoter" if r["nps_promoter"] else "not a promoter",
+    "nps_detractor": lambda r: "a detractor (NPS 0-6)" if r["nps_detractor"] else "no detractor",
+    "csat_last": lambda r: f"last satisfaction score {r['csat_last']:.0f} of 5",
+    "csat_mean": lambda r: f"average satisfaction score {r['csat_mean']:.1f} of 5",
 }
+
 WINDOWED = re.compile(r"^(orders|spend)_(\d+)d$")
+ENGAGEMENT = re.compile(r"^([a-z_]+?)_(\d+)d$")  # event family counts: visit_30d, ...
 NO_RHYTHM = "only one purchase day so far, no buying rhythm yet"
 MISSING = {"overdue_ratio": NO_RHYTHM, "gap_mean_days": NO_RHYTHM, "gap_std_days": NO_RHYTHM}
 
@@ -88,6 +103,10 @@ def phrase(feature: str, row: Row) -> str:
         if kind == "orders":
             return f"{_plural(value, 'order')} in the last {days} days"
         return f"spent {_money(value)} in the last {days} days"
+    engaged = ENGAGEMENT.match(feature)
+    if engaged and feature not in TEMPLATES:
+        family, days = engaged.groups()
+        return f"{_plural(value, family.replace('_', ' '))} in the last {days} days"
     return TEMPLATES[feature](row)
 
 
@@ -111,6 +130,14 @@ LABELS = {
     "m_score": "spend score",
     "orders_same_window_last_year": "orders in this season last year",
     "spend_same_window_last_year": "spend in this season last year",
+    "days_since_engagement": "days since the last engagement",
+    "engagement_trend": "engagement trend vs the previous quarter",
+    "nps_last": "last NPS answer",
+    "nps_mean": "average NPS answer",
+    "nps_promoter": "NPS promoter",
+    "nps_detractor": "NPS detractor",
+    "csat_last": "last satisfaction score",
+    "csat_mean": "average satisfaction score",
 }
 
 
@@ -120,16 +147,17 @@ def label(feature: str) -> str:
     >>> label("spend_180d")
     'spend in the last 180 days'
     """
-    windowed = WINDOWED.match(feature)
-    if windowed:
+    windowed = WINDOWED.match(feature) or ENGAGEMENT.match(feature)
+    if windowed and feature not in LABELS:
         kind, days = windowed.groups()
-        return f"{kind} in the last {days} days"
+        return f"{kind.replace('_', ' ')} in the last {days} days"
     return LABELS.get(feature, feature.replace("_", " "))
 
 
 def has_phrase(feature: str) -> bool:
     """Whether :func:`phrase` and :func:`label` know ``feature``."""
-    return (feature in TEMPLATES and feature in LABELS) or WINDOWED.match(feature) is not None
+    known = feature in TEMPLATES and feature in LABELS
+    return known or (WINDOWED.match(feature) or ENGAGEMENT.match(feature)) is not None
 
 
 def explain(contributions: pd.DataFrame, snapshot: pd.DataFrame, *, n: int) -> pd.DataFrame:

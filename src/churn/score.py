@@ -30,7 +30,13 @@ from churn.config import (
     ScoreSettings,
 )
 from churn.drift import DriftError, drift_report
-from churn.features import customer_features, snapshot_frame, with_day
+from churn.features import (
+    customer_features,
+    feature_spec,
+    load_engagement,
+    snapshot_frame,
+    with_day,
+)
 from churn.io import InputError, connect, write_csv, write_json, write_xlsx
 from churn.model import ChurnModel
 from churn.reasons import explain
@@ -151,15 +157,26 @@ def for_marketers(table: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
     return out
 
 
-def scoring_snapshot(transactions: Path, as_of: date, settings: FeatureSettings) -> pd.DataFrame:
-    """Features of every customer active at ``as_of`` from a canonical transaction file."""
-    if not transactions.is_file():
-        raise InputError(
-            f"{transactions}: transaction file not found (expected the Parquet "
-            "file `churn ingest` writes)"
-        )
-    tx = with_day(connect().read_parquet(transactions))
-    return snapshot_frame(customer_features(tx, as_of, settings))
+def scoring_snapshot(
+    transactions: Path,
+    as_of: date,
+    settings: FeatureSettings,
+    *,
+    events: Path | None = None,
+    families: tuple[str, ...] = (),
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Features of every customer active at ``as_of`` from canonical transaction (and event)
+    files, with the spec they were built to."""
+    for path in (transactions, events):
+        if path is not None and not path.is_file():
+            raise InputError(
+                f"{path}: file not found (expected a Parquet file `churn ingest` writes)"
+            )
+    con = connect()
+    tx = with_day(con.read_parquet(transactions))
+    engagement = load_engagement(con, events, families) if events else None
+    spec = feature_spec(settings, engagement.families if engagement else ())
+    return snapshot_frame(customer_features(tx, as_of, settings, engagement)), spec
 
 
 @dataclass(frozen=True)
