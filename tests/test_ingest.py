@@ -21,6 +21,19 @@ C1005;13085;2021-01-04 10:00:00;-1;3.0;P1
 """
 
 
+def _line_totals(customer_id: str, ts: str, amount: str) -> dict[str, str | None]:
+    """A column mapping for an export with only customer, time and line total."""
+    return {
+        "customer_id": customer_id,
+        "ts": ts,
+        "amount": amount,
+        "order_id": None,
+        "quantity": None,
+        "unit_price": None,
+        "product_id": None,
+    }
+
+
 @pytest.fixture
 def messy_settings(tmp_path: Path, make_settings):
     export = tmp_path / "export.csv"
@@ -73,15 +86,7 @@ def test_ts_format_parses_non_iso_dates(tmp_path, make_settings):
             "transactions": {
                 "path": str(export),
                 "ts_format": "%m/%d/%Y",
-                "columns": {
-                    "customer_id": "cust",
-                    "ts": "when",
-                    "amount": "total",
-                    "order_id": None,
-                    "quantity": None,
-                    "unit_price": None,
-                    "product_id": None,
-                },
+                "columns": _line_totals("cust", "when", "total"),
             }
         }
     )
@@ -187,15 +192,7 @@ def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
             "transactions": {
                 "path": str(export),
                 "timezone": "Europe/Berlin",
-                "columns": {
-                    "customer_id": "c",
-                    "ts": "t",
-                    "amount": "v",
-                    "order_id": None,
-                    "quantity": None,
-                    "unit_price": None,
-                    "product_id": None,
-                },
+                "columns": _line_totals("c", "t", "v"),
             }
         }
     )
@@ -220,15 +217,7 @@ def test_wrong_date_format_shows_examples_and_format(tmp_path, make_settings):
         data={
             "transactions": {
                 "path": str(export),
-                "columns": {
-                    "customer_id": "c",
-                    "ts": "t",
-                    "amount": "v",
-                    "order_id": None,
-                    "quantity": None,
-                    "unit_price": None,
-                    "product_id": None,
-                },
+                "columns": _line_totals("c", "t", "v"),
             }
         }
     )
