@@ -87,6 +87,24 @@ def test_second_repro_does_nothing_and_metrics_show(repo):
     assert (root / "plots_html/index.html").exists()
 
 
+def test_dvc_experiment_with_a_param_override(repo):
+    root, env = repo
+    _run(["git", "add", "dvc.lock"], root, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], root, env)
+    _run(["dvc", "exp", "run", "-S", "train.num_leaves=63", "--name", "leaves63"], root, env)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env))
+    flat = json.dumps(shown)
+    assert "leaves63" in flat
+    experiment = next(
+        exp for commit in shown for exp in (commit.get("experiments") or [])
+        if exp.get("name") == "leaves63"
+    )
+    data = experiment["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["num_leaves"] == 63
+    auc = data["metrics"]["reports/metrics.json"]["data"]["model"]["roc_auc"]
+    assert 0.5 < auc < 1
+
+
 def test_param_change_reruns_exactly_the_dependent_stages(repo):
     root, env = repo
     params = yaml.safe_load((root / "params.yaml").read_text())
