@@ -59,8 +59,7 @@ def expand_inputs(
             matches = sorted(p for p in path.parent.glob(path.name) if p.is_file())
             if not matches:
                 raise InputError(
-                    f"{path}: no file matches this pattern; check "
-                    f"{section}.path in params.yaml"
+                    f"{path}: no file matches this pattern; check {section}.path in params.yaml"
                 )
             files.extend(matches)
         elif path.is_dir():
@@ -71,9 +70,7 @@ def expand_inputs(
         elif path.is_file():
             files.append(path)
         else:
-            raise InputError(
-                f"{path}: input file not found; check {section}.path in params.yaml"
-            )
+            raise InputError(f"{path}: input file not found; check {section}.path in params.yaml")
     return files
 
 
