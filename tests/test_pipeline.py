@@ -96,7 +96,9 @@ def test_dvc_experiment_with_a_param_override(repo):
     flat = json.dumps(shown)
     assert "leaves63" in flat
     experiment = next(
-        exp for commit in shown for exp in (commit.get("experiments") or [])
+        exp
+        for commit in shown
+        for exp in (commit.get("experiments") or [])
         if exp.get("name") == "leaves63"
     )
     data = experiment["revs"][0]["data"]

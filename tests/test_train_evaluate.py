@@ -22,8 +22,11 @@ def test_metrics_json_shape_and_model_beats_recency(pipeline):
     assert metrics["horizon_days"] == 90
     assert metrics["n_customers"] > 4000
     assert 0 < metrics["churn_rate"] < 1
-    for scorer in (metrics["model"], metrics["baselines"]["recency"], metrics["baselines"]["rfm"]):
+    assert set(metrics["baselines"]) == {"recency", "rfm", "bgnbd", "pareto_nbd"}
+    for scorer in (metrics["model"], *metrics["baselines"].values()):
         assert keys <= set(scorer)
+    # BTYD baselines score by P(no purchase in the horizon): strong rankers on this data.
+    assert metrics["baselines"]["bgnbd"]["roc_auc"] > metrics["baselines"]["recency"]["roc_auc"]
     assert metrics["model"]["roc_auc"] > metrics["baselines"]["recency"]["roc_auc"] + 0.03
     for kind in ("roc", "precision_recall", "gains", "calibration"):
         assert (pipeline.settings.paths.plots / f"{kind}.csv").exists()

@@ -1,7 +1,8 @@
 """Evaluate stage: the model against honest baselines on the out-of-time test snapshot.
 
 Baselines are one-score logistic models fitted on the training snapshots (never the test):
-``recency`` uses days since the last purchase, ``rfm`` the sum of the RFM quintile scores.
+``recency`` uses days since the last purchase, ``rfm`` the sum of the RFM quintile scores;
+and the "buy till you die" models ``bgnbd`` and ``pareto_nbd``, scored by P(no purchase).
 All scorers go through the same metric functions on the same customers. The new model gets
 the registry alias ``champion`` when, on this same snapshot, its ROC-AUC is at most
 ``gate.max_auc_drop`` below the champion's and its calibration error within ``gate.max_ece``.
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
+from churn import btyd
 from churn.config import EvaluateSettings, GateSettings, MlflowSettings, Paths
 from churn.features import LABEL
 from churn.io import write_csv, write_json
@@ -55,6 +57,27 @@ def baseline_probabilities(train: pd.DataFrame, test: pd.DataFrame) -> dict[str,
         logit = LogisticRegression().fit(score.reshape(-1, 1), train[LABEL])
         probabilities[name] = logit.predict_proba(scored[name].reshape(-1, 1))[:, 1]
     return probabilities
+
+
+def btyd_probabilities(test: pd.DataFrame, horizon_days: int) -> dict[str, np.ndarray]:
+    """P(no purchase in the next ``horizon_days``) under BG/NBD and Pareto/NBD.
+
+    Each model is fitted by maximum likelihood on the test customers' history before the
+    cutoff (x = purchase days - 1, t_x and T in weeks), which the snapshot holds; the churn
+    probability they imply is P(no purchase), not P(alive).
+    """
+    x = test["purchase_days"].to_numpy("float64") - 1
+    t_x = (test["tenure_days"] - test["recency_days"]).to_numpy("float64") / 7
+    age = test["tenure_days"].to_numpy("float64") / 7
+    horizon = horizon_days / 7
+    bgnbd = btyd.fit_bgnbd(x, t_x, age)
+    pareto = btyd.fit_pareto_nbd(x, t_x, age)
+    return {
+        "bgnbd": btyd.bgnbd_probability_no_purchase(bgnbd.params, x, t_x, age, horizon=horizon),
+        "pareto_nbd": btyd.pareto_nbd_probability_no_purchase(
+            pareto.params, x, t_x, age, horizon=horizon
+        ),
+    }
 
 
 def evaluation(
@@ -124,7 +147,11 @@ def run(
     train = pd.read_parquet(paths.features / "train.parquet")
     model = load_model(str(paths.model))
     y_true = test[LABEL].to_numpy()
-    scorers = {"model": model.predict_proba(test), **baseline_probabilities(train, test)}
+    scorers = {
+        "model": model.predict_proba(test),
+        **baseline_probabilities(train, test),
+        **btyd_probabilities(test, horizon_days),
+    }
     scores = evaluation(y_true, scorers, settings)
     info = json.loads(paths.model_info.read_text())
     gate_report = _gate(

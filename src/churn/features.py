@@ -126,6 +126,7 @@ def order_features(
         recency_days=c - orders.day.max(),
         tenure_days=c - orders.day.min(),
         frequency=orders.count(),
+        purchase_days=orders.day.nunique(),
         monetary=orders.value.sum(),
         mean_order_value=orders.value.mean(),
         _orders_recent=recent.cast("int64").sum(),
