@@ -28,7 +28,8 @@ SETTINGS = FeatureSettings(horizon_days=30, windows_days=(30, 90))
 def _snapshot(frame: pd.DataFrame, cutoff: date = CUTOFF) -> pd.DataFrame:
     con = ibis.duckdb.connect()
     table = with_day(con.create_table("tx", frame))
-    return snapshot_frame(labelled_snapshot(table, cutoff, SETTINGS)).set_index("customer_id")
+    frame, _ = snapshot_frame(labelled_snapshot(table, cutoff, SETTINGS), SETTINGS)
+    return frame.set_index("customer_id")
 
 
 def test_hand_computed_features(tiny_tx):

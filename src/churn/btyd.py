@@ -823,6 +823,32 @@ def gamma_gamma_expected_spend(
     return (gamma + xs * ms) * p / denominator
 
 
+def discounted_purchases(
+    cumulative: Callable[[float], FloatArray], *, horizon: float, periods: int, rate: float
+) -> FloatArray:
+    """Expected purchases in ``(T, T + horizon]``, each of ``periods`` equal slices discounted.
+
+    ``cumulative(h)`` gives the expected purchases in ``(T, T + h]``; the purchases of slice
+    ``k`` are worth ``(1 + rate) ** (-k / periods)``, ``rate`` being the discount rate over the
+    whole horizon (an annual rate for a one-year horizon).
+
+    Examples
+    --------
+    >>> steady = lambda h: np.array([2.0 * h])  # two purchases per unit of time
+    >>> discounted_purchases(steady, horizon=1.0, periods=2, rate=0.0)
+    array([2.])
+    >>> discounted_purchases(steady, horizon=1.0, periods=1, rate=0.25)
+    array([1.6])
+    """
+    total: FloatArray | float = 0.0
+    before: FloatArray | float = 0.0
+    for k in range(1, periods + 1):
+        upto = cumulative(horizon * k / periods)
+        total = total + (upto - before) * (1.0 + rate) ** (-k / periods)
+        before = upto
+    return np.asarray(total, dtype="float64")
+
+
 # --------------------------------------------------------------------------- fitting
 
 

@@ -108,6 +108,8 @@ class FeatureSettings:
     test_cutoff: date | None = None
     as_of: date | None = None
     windows_days: tuple[int, ...] = (30, 90, 180, 365)
+    btyd_fit_customers: int = 200_000
+    annual_discount_rate: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -337,7 +339,12 @@ def _validate(s: Settings) -> None:
         active_lookback_days=f.active_lookback_days,
         n_snapshots=f.n_snapshots,
         snapshot_step_days=f.snapshot_step_days,
+        btyd_fit_customers=f.btyd_fit_customers,
     )
+    if not 0 <= f.annual_discount_rate < 1:
+        raise ParamsError(
+            f"params: features.annual_discount_rate must be in [0, 1), got {f.annual_discount_rate}"
+        )
     _positive("features.windows_days", **{str(w): w for w in f.windows_days})
     if f.n_snapshots < 2:
         raise ParamsError(

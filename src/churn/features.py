@@ -8,9 +8,11 @@ Day arithmetic uses whole days since the epoch, which every engine computes the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 from ibis.expr import types as ir
 
-from churn import ChurnError
+from churn import ChurnError, btyd
 from churn.config import FeatureSettings, Paths
 from churn.io import connect, write_json, write_parquet
 
@@ -30,6 +32,15 @@ ID_COLUMNS = ("customer_id", "cutoff")
 LABEL = "churned"
 TREND_DAYS = 90
 ENGAGEMENT_WINDOWS = (30, 90)
+MIN_BTYD_BUYERS = 10  # repeat buyers a snapshot needs before BTYD models are fitted to it
+BTYD_COLUMNS = (
+    "bgnbd_p_no_purchase",
+    "pareto_nbd_p_no_purchase",
+    "bgnbd_p_alive",
+    "bgnbd_expected_purchases",
+)
+
+log = logging.getLogger(__name__)
 
 
 class SnapshotError(ChurnError):
@@ -99,10 +110,13 @@ def with_day(tx: ir.Table) -> ir.Table:
 
 
 def purchase_orders(tx: ir.Table, cutoff: date) -> ir.Table:
-    """One row per purchase order placed before ``cutoff``: customer, order, day, value."""
+    """One row per purchase order placed before ``cutoff``: customer, order, day, value and
+    distinct products (the basket size)."""
     lines = tx.filter(tx.day < day_number(cutoff), ~tx.is_return)
     orders = lines.group_by("customer_id", "order_id").agg(
-        day=lines.day.min(), value=lines.amount.sum()
+        day=lines.day.min(),
+        value=lines.amount.sum(),
+        products=lines.product_id.nunique(),
     )
     return orders.filter(orders.value > 0)
 
@@ -110,8 +124,13 @@ def purchase_orders(tx: ir.Table, cutoff: date) -> ir.Table:
 def order_features(
     orders: ir.Table, cutoff: date, windows: tuple[int, ...], horizon_days: int
 ) -> ir.Table:
-    """Recency, tenure, frequency, monetary, windowed counts/spend and seasonality per
-    customer; the seasonal window is ``[cutoff - 365, cutoff - 365 + horizon)``."""
+    """Recency, tenure, frequency, monetary, windowed counts/spend, basket size, activity and
+    seasonality per customer.
+
+    The seasonal window is ``[cutoff - 365, cutoff - 365 + horizon)``; ``season_order_share``
+    is the share of all past orders placed in the coming ``horizon`` days of the calendar
+    year, any year (a 365-day year: one day of drift per leap year).
+    """
     c = day_number(cutoff)
     windowed = {}
     for w in windows:
@@ -122,6 +141,9 @@ def order_features(
     recent = orders.day >= c - TREND_DAYS
     # Seasonality: what the customer did in the window a year before the label window.
     last_year = (orders.day >= c - 365) & (orders.day < min(c - 365 + horizon_days, c))
+    year = orders.day >= c - 365
+    # Both operands of % are made non-negative: engines disagree on the sign of a remainder.
+    in_season = ((orders.day - c) % 365 + 365) % 365 < horizon_days
     agg = orders.group_by("customer_id").agg(
         recency_days=c - orders.day.max(),
         tenure_days=c - orders.day.min(),
@@ -135,35 +157,54 @@ def order_features(
         _spend_previous=ibis.cases((previous, orders.value), else_=0.0).sum(),
         orders_same_window_last_year=last_year.cast("int64").sum(),
         spend_same_window_last_year=ibis.cases((last_year, orders.value), else_=0.0).sum(),
+        _spend_year=ibis.cases((year, orders.value), else_=0.0).sum(),
+        season_order_share=in_season.cast("float64").mean(),
+        active_months_365d=((c - orders.day) // 30).nunique(where=year),
+        mean_basket_products=orders.products.mean(),
+        _products_recent=orders.products.mean(where=recent),
+        _products_before=orders.products.mean(where=~recent),
         **windowed,
     )
     # Ratios are smoothed by one order / one unit of spend so new and idle customers stay finite.
+    # Null where a customer has no basket before or in the last TREND_DAYS.
     return agg.mutate(
         orders_trend=(agg._orders_recent + 1) / (agg._orders_previous + 1),
         spend_trend=(agg._spend_recent + 1) / (agg._spend_previous + 1),
-    ).drop("_orders_recent", "_orders_previous", "_spend_recent", "_spend_previous")
+        spend_share_same_window_last_year=agg.spend_same_window_last_year
+        / ibis.greatest(agg._spend_year, 1.0),
+        basket_size_trend=agg._products_recent / agg._products_before,
+    ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
-def gap_features(orders: ir.Table) -> ir.Table:
-    """Mean and standard deviation of the days between a customer's purchase days."""
+def gap_features(orders: ir.Table, cutoff: date) -> ir.Table:
+    """Mean, spread, latest and longest recent gap (days) between a customer's purchase days."""
     days = orders.select("customer_id", "day").distinct()
     gaps = days.mutate(
         gap=days.day - days.day.lag().over(group_by=days.customer_id, order_by=days.day)
     )
     gaps = gaps.filter(gaps.gap.notnull())
     return gaps.group_by("customer_id").agg(
-        gap_mean_days=gaps.gap.mean(), gap_std_days=gaps.gap.std(how="pop")
+        gap_mean_days=gaps.gap.mean(),
+        gap_std_days=gaps.gap.std(how="pop"),
+        last_gap_days=gaps.gap.argmax(gaps.day),
+        max_gap_365d=gaps.gap.max(where=gaps.day >= day_number(cutoff) - 365),
     )
 
 
 def line_features(tx: ir.Table, cutoff: date) -> ir.Table:
-    """Returns and product breadth from the lines before ``cutoff``."""
-    lines = tx.filter(tx.day < day_number(cutoff))
+    """Returns, product breadth, units per line and unit price from the lines before
+    ``cutoff``."""
+    c = day_number(cutoff)
+    lines = tx.filter(tx.day < c)
     returned = lines.is_return
+    bought = ~returned & (lines.quantity > 0)
     return lines.group_by("customer_id").agg(
         returned_value=ibis.cases((returned, -lines.amount), else_=0.0).sum(),
         return_orders=lines.order_id.nunique(where=returned),
+        days_since_return=c - lines.day.max(where=returned),
         distinct_products=lines.product_id.nunique(where=~returned),
+        mean_units_per_line=lines.quantity.mean(where=bought),
+        mean_unit_price=(lines.amount / lines.quantity).mean(where=bought),
     )
 
 
@@ -217,7 +258,7 @@ def customer_features(
     orders = purchase_orders(tx, cutoff)
     base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
-    joined = base.left_join(gap_features(orders), "customer_id").drop("customer_id_right")
+    joined = base.left_join(gap_features(orders, cutoff), "customer_id").drop("customer_id_right")
     joined = joined.left_join(line_features(tx, cutoff), "customer_id").drop("customer_id_right")
     if engagement is not None:
         joined = joined.left_join(engagement_features(engagement, cutoff), "customer_id").drop(
@@ -225,6 +266,9 @@ def customer_features(
         )
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
+        gap_cv=joined.gap_std_days / joined.gap_mean_days,
+        purchase_days_per_month=joined.purchase_days
+        / (ibis.greatest(joined.tenure_days, 30) / 30.4),
         return_rate=joined.returned_value / joined.monetary,
         cutoff=ibis.date(cutoff),
     )
@@ -288,15 +332,108 @@ def rfm_segment(r: np.ndarray, f: np.ndarray) -> np.ndarray:
     return np.select(conditions, names, default="Lost")
 
 
-def snapshot_frame(expr: ir.Table) -> pd.DataFrame:
-    """Execute a snapshot expression into a tidy, deterministically ordered pandas frame."""
+def btyd_inputs(snapshot: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BTYD summary of each customer in weeks: repeat purchase days ``x``, time of the last
+    purchase day ``t_x`` and age ``T``, both counted from the first purchase day."""
+    x = snapshot["purchase_days"].to_numpy("float64") - 1
+    t_x = (snapshot["tenure_days"] - snapshot["recency_days"]).to_numpy("float64") / 7
+    age = snapshot["tenure_days"].to_numpy("float64") / 7
+    return x, t_x, age
+
+
+def btyd_features(
+    snapshot: pd.DataFrame, settings: FeatureSettings, cutoff: date
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """BG/NBD, Pareto/NBD and Gamma-Gamma outputs for one snapshot, and the fit report.
+
+    The models are fitted on this snapshot's customers (at most ``btyd_fit_customers`` of
+    them, drawn with a seed fixed by the cutoff), whose histories end before the cutoff.
+    Columns: P(no purchase in the horizon) under both models, BG/NBD P(alive) and expected
+    purchases in the horizon, and ``clv_12m``: expected purchases in the next 12 months,
+    each month discounted at ``annual_discount_rate``, times the Gamma-Gamma spend per
+    purchase day, reduced by the customer's return rate; never negative or missing. When a
+    snapshot has too few repeat buyers to fit, the model columns are missing and ``clv_12m``
+    falls back to the yearly spend so far net of returns; the report says so. A fit that
+    fails on enough data raises :class:`churn.btyd.BTYDFitError`.
+    """
+    x, t_x, age = btyd_inputs(snapshot)
+    spend_per_day = snapshot["monetary"].to_numpy("float64") / (x + 1)
+    kept = 1 - np.clip(snapshot["return_rate"].to_numpy("float64"), 0, 1)
+    fit_rows = np.random.default_rng(day_number(cutoff)).permutation(len(snapshot))
+    fit_rows = fit_rows[: settings.btyd_fit_customers]
+    horizon, year = settings.horizon_days / 7, 365.25 / 7
+    out = pd.DataFrame(index=snapshot.index)
+    buyers = int((x[fit_rows] > 0).sum())
+    if buyers < MIN_BTYD_BUYERS:
+        reason = f"{buyers} customers with repeat purchases, fewer than {MIN_BTYD_BUYERS}"
+        log.warning("BTYD features at cutoff %s left missing: %s", cutoff, reason)
+        for column in BTYD_COLUMNS:
+            out[column] = np.nan
+        years = np.maximum(snapshot["tenure_days"].to_numpy("float64"), 365) / 365
+        out["clv_12m"] = np.clip(snapshot["monetary"].to_numpy("float64") / years * kept, 0, None)
+        return out, {"fitted": False, "reason": reason, "customers": int(fit_rows.size)}
+    bgnbd = btyd.fit_bgnbd(x[fit_rows], t_x[fit_rows], age[fit_rows])
+    pareto = btyd.fit_pareto_nbd(x[fit_rows], t_x[fit_rows], age[fit_rows])
+    spend = btyd.fit_gamma_gamma(x[fit_rows], spend_per_day[fit_rows])
+    params = bgnbd.params
+    out["bgnbd_p_no_purchase"] = btyd.bgnbd_probability_no_purchase(
+        params, x, t_x, age, horizon=horizon
+    )
+    out["pareto_nbd_p_no_purchase"] = btyd.pareto_nbd_probability_no_purchase(
+        pareto.params, x, t_x, age, horizon=horizon
+    )
+    out["bgnbd_p_alive"] = btyd.bgnbd_probability_alive(params, x, t_x, age)
+    out["bgnbd_expected_purchases"] = btyd.bgnbd_expected_purchases(
+        params, x, t_x, age, horizon=horizon
+    )
+    purchases = btyd.discounted_purchases(
+        lambda h: btyd.bgnbd_expected_purchases(params, x, t_x, age, horizon=h),
+        horizon=year,
+        periods=12,
+        rate=settings.annual_discount_rate,
+    )
+    if spend.params.q > 1:
+        per_purchase = btyd.gamma_gamma_expected_spend(spend.params, x, spend_per_day)
+    else:  # the population's mean spend is infinite: each customer keeps their own mean
+        per_purchase = spend_per_day
+    out["clv_12m"] = np.clip(purchases * per_purchase * kept, 0, None)
+    report = {
+        "fitted": True,
+        "customers": int(fit_rows.size),
+        **{name: _fit_report(fit) for name, fit in (("bgnbd", bgnbd), ("pareto_nbd", pareto))},
+        "gamma_gamma": _fit_report(spend),
+    }
+    return out, report
+
+
+def _fit_report(fit: btyd.BTYDFit) -> dict[str, Any]:
+    return {
+        "converged": fit.converged,
+        "log_likelihood": fit.log_likelihood,
+        "iterations": fit.iterations,
+        "method": fit.method,
+        "params": dataclasses.asdict(fit.params),
+    }
+
+
+def snapshot_frame(
+    expr: ir.Table, settings: FeatureSettings
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Execute a snapshot expression into a tidy, deterministically ordered pandas frame with
+    RFM scores and BTYD features; also return the BTYD fit report per cutoff."""
     frame = expr.to_pandas()
     # Parallel float sums differ in the last bits from run to run; rounding keeps reruns equal.
     floats = frame.select_dtypes("float").columns
     frame[floats] = frame[floats].round(9)
     frame["cutoff"] = pd.to_datetime(frame["cutoff"]).dt.date
     frame = frame.sort_values(["cutoff", "customer_id"], kind="stable").reset_index(drop=True)
-    return rfm_scores(frame)
+    frame = rfm_scores(frame)
+    parts, fits = [], {}
+    for cutoff, rows in frame.groupby("cutoff", sort=True):
+        part, fits[str(cutoff)] = btyd_features(rows, settings, cutoff)
+        parts.append(part)
+    columns = pd.concat(parts) if parts else pd.DataFrame(columns=[*BTYD_COLUMNS, "clv_12m"])
+    return frame.join(columns.round(9)), fits
 
 
 def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -315,12 +452,15 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             customer_features,
             rfm_scores,
             rfm_segment,
+            btyd_inputs,
+            btyd_features,
         )
     )
     defining = {
         "code": code,
         "windows_days": list(settings.windows_days),
         "active_lookback_days": settings.active_lookback_days,
+        "annual_discount_rate": settings.annual_discount_rate,
         "trend_days": TREND_DAYS,
         "engagement_families": list(families),
     }
@@ -357,11 +497,13 @@ def run(
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
     train = ibis.union(*(labelled_snapshot(tx, c, settings, engagement) for c in plan.train))
-    frames = {
-        "train": snapshot_frame(train),
-        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings, engagement)),
-        "score": snapshot_frame(customer_features(tx, plan.as_of, settings, engagement)),
+    built = {
+        "train": snapshot_frame(train, settings),
+        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings, engagement), settings),
+        "score": snapshot_frame(customer_features(tx, plan.as_of, settings, engagement), settings),
     }
+    frames = {name: frame for name, (frame, _) in built.items()}
+    fits = {cutoff: fit for _, cut_fits in built.values() for cutoff, fit in cut_fits.items()}
     empty = [name for name, frame in frames.items() if frame.empty]
     if empty:  # checked before anything is written: no partial snapshot set is left behind
         raise SnapshotError(
@@ -376,6 +518,7 @@ def run(
             "train_cutoffs": [str(c) for c in plan.train],
             "test_cutoff": str(plan.test),
             "as_of": str(plan.as_of),
+            "btyd_fits": fits,
         },
         paths.features / "spec.json",
     )

@@ -176,7 +176,8 @@ def scoring_snapshot(
     tx = with_day(con.read_parquet(transactions))
     engagement = load_engagement(con, events, families) if events else None
     spec = feature_spec(settings, engagement.families if engagement else ())
-    return snapshot_frame(customer_features(tx, as_of, settings, engagement)), spec
+    frame, _ = snapshot_frame(customer_features(tx, as_of, settings, engagement), settings)
+    return frame, spec
 
 
 @dataclass(frozen=True)
