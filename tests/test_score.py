@@ -129,7 +129,7 @@ def test_value_based_selection_beats_top_probability_by_hand(make_settings):
         {
             "customer_id": ["rich", "poor", "mid"],
             "churn_probability": [0.6, 0.99, 0.5],
-            "customer_value": [1000.0, 5.0, 100.0],
+            "value_at_risk": [600.0, 4.95, 50.0],
             "action": ["vip_care_call"] * 3,
         }
     )

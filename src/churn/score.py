@@ -52,6 +52,7 @@ BASE_COLUMNS = (
     "rfm_segment",
     "customer_value",
     "value_band",
+    "clv_12m",
     "value_at_risk",
     "recency_days",
     "frequency",
@@ -125,7 +126,8 @@ def retention_list(
             "rfm_segment": snapshot["rfm_segment"].to_numpy(),
             "customer_value": value,
             "value_band": value_bands(value, actions.value_bands),
-            "value_at_risk": probability * value,
+            "clv_12m": snapshot["clv_12m"].to_numpy("float64"),
+            "value_at_risk": probability * snapshot["clv_12m"].to_numpy("float64"),
             "recency_days": snapshot["recency_days"].to_numpy(),
             "frequency": snapshot["frequency"].to_numpy(),
             "monetary": snapshot["monetary"].to_numpy(dtype="float64"),
@@ -148,6 +150,7 @@ def for_marketers(table: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
     out["churn_probability"] = out["churn_probability"].round(4)
     for money in (
         "customer_value",
+        "clv_12m",
         "value_at_risk",
         "monetary",
         "action_cost",
