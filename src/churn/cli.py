@@ -301,6 +301,23 @@ def rollback() -> None:
     log.info("champion: rolled back to version %s", version)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Benchmark the pipeline on synthetic data (1M and 10M rows) into reports/bench.json.
+
+    Runs the harness in the repository's ``benchmarks/`` folder (run from the repository
+    root); its options pass through: --sizes N..., --100m, --repeats N, --out PATH,
+    --btyd-fit-customers N.
+    """
+    harness = Path.cwd() / "benchmarks" / "run.py"
+    if not harness.is_file():
+        raise ChurnError(f"{harness}: not found; run `churn bench` from the repository root")
+    sys.path.insert(0, str(harness.parents[1]))
+    from benchmarks.run import main as run_benchmarks
+
+    run_benchmarks(list(ctx.args))
+
+
 def _as_of(text: str | None, transactions: Path) -> date:
     if text is None:
         import pandas as pd
