@@ -79,6 +79,40 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
     "nps_detractor": lambda r: "a detractor (NPS 0-6)" if r["nps_detractor"] else "no detractor",
     "csat_last": lambda r: f"last satisfaction score {r['csat_last']:.0f} of 5",
     "csat_mean": lambda r: f"average satisfaction score {r['csat_mean']:.1f} of 5",
+    "last_gap_days": lambda r: f"waited {_n(r['last_gap_days'])} days before the last purchase",
+    "max_gap_365d": lambda r: f"longest gap this year {_n(r['max_gap_365d'])} days",
+    "gap_cv": lambda r: f"gaps between purchases vary by {r['gap_cv'] * 100:.0f}%",
+    "purchase_days_per_month": lambda r: f"buys on {r['purchase_days_per_month']:.1f} days a month",
+    "season_order_share": lambda r: (
+        f"{r['season_order_share'] * 100:.0f}% of orders fall in the coming season"
+    ),
+    "spend_share_same_window_last_year": lambda r: (
+        f"{r['spend_share_same_window_last_year'] * 100:.0f}% of last year's spend "
+        "came in this season"
+    ),
+    "active_months_365d": lambda r: f"bought in {_plural(r['active_months_365d'], 'month')} of 12",
+    "mean_basket_products": lambda r: (
+        f"{r['mean_basket_products']:.1f} products per order on average"
+    ),
+    "basket_size_trend": lambda r: (
+        f"baskets {'smaller' if r['basket_size_trend'] < 1 else 'larger'} than before "
+        f"({abs(1 - r['basket_size_trend']) * 100:.0f}%)"
+    ),
+    "days_since_return": lambda r: f"returned goods {_n(r['days_since_return'])} days ago",
+    "mean_units_per_line": lambda r: f"{r['mean_units_per_line']:.1f} units per item bought",
+    "mean_unit_price": lambda r: f"average unit price {_money(r['mean_unit_price'])}",
+    "bgnbd_p_no_purchase": lambda r: (
+        f"{r['bgnbd_p_no_purchase'] * 100:.0f}% chance of no purchase next quarter (BG/NBD)"
+    ),
+    "pareto_nbd_p_no_purchase": lambda r: (
+        f"{r['pareto_nbd_p_no_purchase'] * 100:.0f}% chance of no purchase next quarter "
+        "(Pareto/NBD)"
+    ),
+    "bgnbd_p_alive": lambda r: f"{r['bgnbd_p_alive'] * 100:.0f}% chance still active (BG/NBD)",
+    "bgnbd_expected_purchases": lambda r: (
+        f"{r['bgnbd_expected_purchases']:.1f} purchase days expected next quarter"
+    ),
+    "clv_12m": lambda r: f"expected value next 12 months {_money(r['clv_12m'])}",
 }
 
 WINDOWED = re.compile(r"^(orders|spend)_(\d+)d$")
@@ -140,6 +174,23 @@ LABELS = {
     "nps_detractor": "NPS detractor",
     "csat_last": "last satisfaction score",
     "csat_mean": "average satisfaction score",
+    "last_gap_days": "latest gap between purchases",
+    "max_gap_365d": "longest gap this year",
+    "gap_cv": "irregularity of gaps",
+    "purchase_days_per_month": "purchase days per month",
+    "season_order_share": "orders in the coming season",
+    "spend_share_same_window_last_year": "share of spend in this season",
+    "active_months_365d": "active months this year",
+    "mean_basket_products": "products per order",
+    "basket_size_trend": "basket size trend",
+    "days_since_return": "days since the last return",
+    "mean_units_per_line": "units per item",
+    "mean_unit_price": "average unit price",
+    "bgnbd_p_no_purchase": "P(no purchase), BG/NBD",
+    "pareto_nbd_p_no_purchase": "P(no purchase), Pareto/NBD",
+    "bgnbd_p_alive": "P(alive), BG/NBD",
+    "bgnbd_expected_purchases": "expected purchases, BG/NBD",
+    "clv_12m": "12-month customer value",
 }
 
 
