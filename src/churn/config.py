@@ -123,6 +123,7 @@ class TrainSettings:
     lambda_l2: float = 1.0
     max_rounds: int = 2000
     early_stopping_rounds: int = 100
+    max_rows: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -362,6 +363,7 @@ def _validate(s: Settings) -> None:
         num_leaves=t.num_leaves,
         max_rounds=t.max_rounds,
         early_stopping_rounds=t.early_stopping_rounds,
+        max_rows=t.max_rows,
     )
     for name in ("feature_fraction", "bagging_fraction"):
         if not 0 < getattr(t, name) <= 1:

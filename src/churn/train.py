@@ -8,6 +8,7 @@ older snapshots fit the trees. The model is logged to MLflow, registered, given 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from churn.io import write_json
 from churn.model import ChurnModel, ModelCard, calibrate, write_artifacts
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,33 @@ def split_by_cutoff(snapshots: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
         )
     newest = snapshots["cutoff"] == cutoffs[-1]
     return snapshots[~newest], snapshots[newest]
+
+
+def stratified_sample(snapshots: pd.DataFrame, max_rows: int, *, seed: int) -> pd.DataFrame:
+    """At most ``max_rows`` rows, drawn without replacement within each (cutoff, label)
+    stratum in proportion to its size; rows keep their order. All rows when they fit.
+
+    Each stratum gets ``floor(size * max_rows / total)`` rows and the rows left over go to
+    the largest remainders (ties: the earlier stratum), so the shares of cutoffs and labels
+    stay as close to the full table's as whole rows allow.
+
+    >>> frame = pd.DataFrame({"cutoff": [1] * 6 + [2] * 4, "churned": [0, 0, 0, 0, 1, 1] * 1
+    ...                       + [0, 1, 1, 1]})
+    >>> stratified_sample(frame, 5, seed=0).groupby(["cutoff", "churned"]).size().tolist()
+    [2, 1, 1, 1]
+    """
+    if len(snapshots) <= max_rows:
+        return snapshots
+    strata = snapshots.groupby(["cutoff", LABEL], sort=True).indices
+    sizes = np.array([len(rows) for rows in strata.values()])
+    share = sizes * max_rows / sizes.sum()
+    quota = np.floor(share).astype("int64")
+    leftover = max_rows - int(quota.sum())
+    quota[np.argsort(-(share - quota), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(seed)
+    drawn = zip(strata.values(), quota, strict=True)
+    keep = [rng.choice(rows, size=n, replace=False) for rows, n in drawn]
+    return snapshots.iloc[np.sort(np.concatenate(keep))]
 
 
 def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
@@ -156,7 +186,14 @@ def run(
     """Train, log and register the model; save it under ``paths.model``."""
     snapshots = pd.read_parquet(paths.features / "train.parquet")
     spec = json.loads((paths.features / "spec.json").read_text())
-    booster, card, valid = build_model(snapshots, settings, spec, seed=seed, drift_bins=drift_bins)
+    used = stratified_sample(snapshots, settings.max_rows, seed=seed)
+    if len(used) < len(snapshots):
+        log.info(
+            "training on %d of %d snapshot rows (train.max_rows), stratified by cutoff and label",
+            len(used),
+            len(snapshots),
+        )
+    booster, card, valid = build_model(used, settings, spec, seed=seed, drift_bins=drift_bins)
     staging = paths.model.parent / f".{paths.model.name}.artifacts"
     artifacts = write_artifacts(booster, card, staging)
     example = valid[card.features].head(5).astype("float64")
@@ -169,11 +206,16 @@ def run(
                 "horizon_days": card.horizon_days,
                 "feature_hash": card.feature_hash,
                 "n_features": len(card.features),
-                "train_rows": len(snapshots),
+                "train_rows": len(used),
+                "train_rows_total": len(snapshots),
+                "train_rows_used": len(used),
+                "train_max_rows": settings.max_rows,
+                "train_sampled": len(used) < len(snapshots),
                 "train_cutoffs": ",".join(card.train_cutoffs),
                 "validation_cutoff": card.validation_cutoff,
             }
         )
+        mlflow.set_tag("train_sampled", str(len(used) < len(snapshots)).lower())
         validation_auc = float(booster.best_score["valid_0"]["auc"])
         mlflow.log_metrics(
             {"validation_auc": validation_auc, "best_iteration": card.best_iteration}
