@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="features.btyd_fit_customers for the run; the default 1 skips the BTYD fits "
         "(their maximum-likelihood search does not scale, see the notes in the report)",
     )
+    parser.add_argument("--keep", action="store_true", help="keep the other sizes already in --out")
     parser.add_argument("--scratch", type=Path, default=None, help="work folder (default: tmp)")
     args = parser.parse_args(argv)
     sizes = [*args.sizes, *([HUNDRED_MILLION] if args.hundred_m else [])]
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "btyd_fit_customers": args.btyd_fit_customers,
         "sizes": {},
     }
+    if args.keep and args.out.is_file():
+        report["sizes"] = json.loads(args.out.read_text()).get("sizes", {})
     scratch = Path(tempfile.mkdtemp(prefix="churn-bench-", dir=args.scratch))
     log = args.out.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -231,7 +231,7 @@ def score(
             families=tuple(settings.data.events.families),
         )
     else:
-        snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
+        snapshot = settings.paths.features / "score.parquet"
         spec = json.loads((settings.paths.features / "spec.json").read_text())
     if model is None:
         version = json.loads(settings.paths.model_info.read_text())["model_version"]
@@ -245,7 +245,10 @@ def score(
         allow_drift=allow_drift,
         xlsx=xlsx,
     )
-    s = stage.run(
+    # The pipeline's snapshot is streamed from Parquet; one built from --transactions is
+    # already in memory.
+    score_stage = stage.run if isinstance(snapshot, pd.DataFrame) else stage.run_streamed
+    s = score_stage(
         snapshot,
         spec,
         churn_model,
