@@ -44,6 +44,7 @@ from churn.features import (
 )
 from churn.io import InputError, atomic_text, connect, write_csv, write_json, write_xlsx
 from churn.model import ChurnModel
+from churn.progress import progress
 from churn.reasons import explain
 
 log = logging.getLogger(__name__)
@@ -314,26 +315,33 @@ def _batches(file: pq.ParquetFile, columns: list[str], rows: int) -> Iterator[pd
 
 def _first_pass(file: pq.ParquetFile, model: ChurnModel, settings: ScoreSettings) -> _Population:
     columns = list(dict.fromkeys([*KEY_COLUMNS, *model.feature_names]))
-    references = model.reference
-    counts = {name: np.zeros(len(ref["edges"]) + 2, "int64") for name, ref in references.items()}
+    counts = {n: np.zeros(len(r["edges"]) + 2, "int64") for n, r in model.reference.items()}
     parts = []
-    for frame in _batches(file, columns, settings.chunk_rows):
-        probability = model.predict_proba(frame)
-        for name in model.feature_names:
-            counts[name] += bin_counts(references[name], frame[name].to_numpy("float64"))
-        counts["churn_probability"] += bin_counts(references["churn_probability"], probability)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "customer_id": frame["customer_id"].to_numpy(),
-                    "churn_probability": probability,
-                    "rfm_segment": frame["rfm_segment"].to_numpy(),
-                    "customer_value": customer_value(frame),
-                }
-            )
-        )
-        as_of = frame["cutoff"].iloc[0]
+    with progress("score: customers predicted", file.metadata.num_rows) as advance:
+        for frame in _batches(file, columns, settings.chunk_rows):
+            parts.append(_predict_batch(frame, model, counts))
+            as_of = frame["cutoff"].iloc[0]
+            advance(len(frame))
     return _Population(pd.concat(parts, ignore_index=True), counts, as_of)
+
+
+def _predict_batch(
+    frame: pd.DataFrame, model: ChurnModel, counts: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    """Probability, value and segment of one batch; its drift bin counts added to ``counts``."""
+    references = model.reference
+    probability = model.predict_proba(frame)
+    for name in model.feature_names:
+        counts[name] += bin_counts(references[name], frame[name].to_numpy("float64"))
+    counts["churn_probability"] += bin_counts(references["churn_probability"], probability)
+    return pd.DataFrame(
+        {
+            "customer_id": frame["customer_id"].to_numpy(),
+            "churn_probability": probability,
+            "rfm_segment": frame["rfm_segment"].to_numpy(),
+            "customer_value": customer_value(frame),
+        }
+    )
 
 
 def _ranked(
@@ -378,35 +386,56 @@ def _write_ranked_parts(
         dict.fromkeys([*KEY_COLUMNS, "recency_days", "frequency", "monetary", *model.feature_names])
     )
     start = 0
-    for part, frame in enumerate(_batches(file, columns, settings.chunk_rows)):
-        rows = by_row.iloc[start : start + len(frame)].reset_index(drop=True)
-        out = pd.DataFrame(
-            {
-                "customer_id": frame["customer_id"].to_numpy(),
-                "as_of": as_of.isoformat(),
-                "churn_probability": rows["churn_probability"].to_numpy(),
-                "risk_decile": rows["risk_decile"].to_numpy(),
-                "risk_tier": rows["risk_tier"].to_numpy(),
-                "rfm_segment": frame["rfm_segment"].to_numpy(),
-                "customer_value": rows["customer_value"].to_numpy(),
-                "value_band": rows["value_band"].to_numpy(),
-                "value_at_risk": rows["value_at_risk"].to_numpy(),
-                "recency_days": frame["recency_days"].to_numpy(),
-                "frequency": frame["frequency"].to_numpy(),
-                "monetary": frame["monetary"].to_numpy(dtype="float64"),
-                "model_version": model_version,
-            }
-        )
-        reasons = explain(model.contributions(frame), frame, n=settings.n_reasons)
-        out = out.join(reasons.reset_index(drop=True))
-        for column in ("action", "action_cost", "expected_value_saved", "selected"):
-            out[column] = rows[column].to_numpy()
-        out = for_marketers(out, settings.n_reasons)
-        out["_rank"] = rank[start : start + len(frame)]
-        pq.write_table(
-            pa.Table.from_pandas(out, preserve_index=False), folder / f"{part:06d}.parquet"
-        )
-        start += len(frame)
+    with progress("score: customers explained", file.metadata.num_rows) as advance:
+        for part, frame in enumerate(_batches(file, columns, settings.chunk_rows)):
+            stop = start + len(frame)
+            out = _finished_rows(
+                frame,
+                by_row.iloc[start:stop].reset_index(drop=True),
+                model,
+                settings,
+                model_version=model_version,
+                as_of=as_of,
+            )
+            out["_rank"] = rank[start:stop]
+            table_part = pa.Table.from_pandas(out, preserve_index=False)
+            pq.write_table(table_part, folder / f"{part:06d}.parquet")
+            advance(len(frame))
+            start = stop
+
+
+def _finished_rows(
+    frame: pd.DataFrame,
+    rows: pd.DataFrame,
+    model: ChurnModel,
+    settings: ScoreSettings,
+    *,
+    model_version: str,
+    as_of: date,
+) -> pd.DataFrame:
+    """Marketer rows of one batch (``rows``: its customers' ranked figures, same order)."""
+    out = pd.DataFrame(
+        {
+            "customer_id": frame["customer_id"].to_numpy(),
+            "as_of": as_of.isoformat(),
+            "churn_probability": rows["churn_probability"].to_numpy(),
+            "risk_decile": rows["risk_decile"].to_numpy(),
+            "risk_tier": rows["risk_tier"].to_numpy(),
+            "rfm_segment": frame["rfm_segment"].to_numpy(),
+            "customer_value": rows["customer_value"].to_numpy(),
+            "value_band": rows["value_band"].to_numpy(),
+            "value_at_risk": rows["value_at_risk"].to_numpy(),
+            "recency_days": frame["recency_days"].to_numpy(),
+            "frequency": frame["frequency"].to_numpy(),
+            "monetary": frame["monetary"].to_numpy(dtype="float64"),
+            "model_version": model_version,
+        }
+    )
+    reasons = explain(model.contributions(frame), frame, n=settings.n_reasons)
+    out = out.join(reasons.reset_index(drop=True))
+    for column in ("action", "action_cost", "expected_value_saved", "selected"):
+        out[column] = rows[column].to_numpy()
+    return for_marketers(out, settings.n_reasons)
 
 
 def _write_in_rank_order(folder: Path, target: Path, chunk_rows: int) -> None:

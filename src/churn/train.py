@@ -27,6 +27,7 @@ from churn.drift import profile
 from churn.features import ID_COLUMNS, LABEL
 from churn.io import write_json
 from churn.model import ChurnModel, ModelCard, calibrate, write_artifacts
+from churn.progress import progress
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
 
@@ -126,13 +127,17 @@ def fit_booster(
     valid_set = lgb.Dataset(
         valid[features].astype("float64"), label=valid[LABEL], reference=train_set
     )
-    return lgb.train(
-        lgb_params(settings, seed),
-        train_set,
-        num_boost_round=settings.max_rounds,
-        valid_sets=[valid_set],
-        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
-    )
+    with progress("train: trees", settings.max_rounds) as advance:
+        return lgb.train(
+            lgb_params(settings, seed),
+            train_set,
+            num_boost_round=settings.max_rounds,
+            valid_sets=[valid_set],
+            callbacks=[
+                lgb.early_stopping(settings.early_stopping_rounds, verbose=False),
+                lambda env: advance(1),
+            ],
+        )
 
 
 def fit_calibration(y_raw: np.ndarray, y_true: np.ndarray) -> tuple[list[float], list[float]]:
