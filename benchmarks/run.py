@@ -121,7 +121,7 @@ def bench_size(
         for step in REFERENCES:
             runs[step].append(run_step(step, params, log))
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-    out = size_figures(med, generated)
+    out = {**size_figures(med, generated), "repeats": repeats}
     shutil.rmtree(work, ignore_errors=True)
     return out
 
