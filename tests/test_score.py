@@ -149,3 +149,41 @@ def test_csv_columns_are_documented_in_readme_in_order():
     section = readme.split("## The retention list", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.M)
     assert documented == retention_columns(3)
+
+
+def test_streamed_scoring_writes_the_same_files_as_in_memory(pipeline, tmp_path):
+    import dataclasses
+    import json
+
+    from churn import score
+    from churn.model import load_model
+
+    settings = pipeline.settings
+    model = load_model(str(settings.paths.model))
+    snapshot_path = settings.paths.features / "score.parquet"
+    spec = json.loads((settings.paths.features / "spec.json").read_text())
+
+    def job(folder):
+        return score.ScoreJob(
+            out=tmp_path / folder / "list.csv",
+            drift_report=tmp_path / folder / "drift.json",
+            campaign_report=tmp_path / folder / "campaign.json",
+            model_version="7",
+            allow_drift=True,
+        )
+
+    common = {"drift": settings.drift, "actions": settings.actions, "campaign": settings.campaign}
+    whole = score.run(
+        pd.read_parquet(snapshot_path), spec, model, job("whole"), settings=settings.score, **common
+    )
+    # 333-row batches: the snapshot is read in many pieces, and the last one is short.
+    batched = dataclasses.replace(settings.score, chunk_rows=333)
+    streamed = score.run_streamed(
+        snapshot_path, spec, model, job("streamed"), settings=batched, **common
+    )
+    assert streamed == whole
+    assert whole.customers > 1000
+    for name in ("list.csv", "drift.json", "campaign.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (
+            tmp_path / "whole" / name
+        ).read_bytes()

@@ -179,3 +179,63 @@ def test_small_data_model_does_not_lose_to_btyd(pipeline, tmp_path):
     auc = {name: roc_auc_score(test[LABEL], p) for name, p in scorers.items()}
     assert len(test) < 600
     assert auc["model"] >= auc["bgnbd"]
+
+
+def _stacked(sizes: dict[tuple[str, int], int]) -> pd.DataFrame:
+    """Stacked snapshots with ``sizes[(cutoff, churned)]`` rows per stratum."""
+    parts = [
+        pd.DataFrame({"cutoff": cutoff, "churned": label, "row": range(n)})
+        for (cutoff, label), n in sizes.items()
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_stratified_sample_keeps_cutoff_and_label_shares():
+    # 1000 rows: 600 at the first cutoff (450 kept, 150 churned), 400 at the second (100/300).
+    snapshots = _stacked({("a", 0): 450, ("a", 1): 150, ("b", 0): 100, ("b", 1): 300})
+    sample = train.stratified_sample(snapshots, 100, seed=7)
+    counts = sample.groupby(["cutoff", "churned"]).size().to_dict()
+    assert counts == {("a", 0): 45, ("a", 1): 15, ("b", 0): 10, ("b", 1): 30}
+    assert sample.index.is_monotonic_increasing  # rows keep their order
+    assert sample.index.is_unique
+    again = train.stratified_sample(snapshots, 100, seed=7)
+    assert again.index.equals(sample.index)
+
+
+def test_stratified_sample_gives_leftover_rows_to_largest_remainders():
+    # Shares of 7 rows over strata of 5, 3, 2: 3.5, 2.1, 1.4 -> floors 3, 2, 1 and one left,
+    # which goes to the largest remainder (0.5, the first stratum).
+    snapshots = _stacked({("a", 0): 5, ("a", 1): 3, ("b", 0): 2})
+    sample = train.stratified_sample(snapshots, 7, seed=0)
+    assert sample.groupby(["cutoff", "churned"]).size().tolist() == [4, 2, 1]
+
+
+def test_stratified_sample_returns_everything_when_under_the_cap():
+    snapshots = _stacked({("a", 0): 3, ("b", 1): 2})
+    assert train.stratified_sample(snapshots, 5, seed=0) is snapshots
+
+
+def test_training_above_max_rows_samples_and_logs_it(make_settings, tracking):
+    rng = np.random.default_rng(3)
+    n = 800
+    recency = rng.integers(1, 365, n)
+    snapshots = pd.DataFrame(
+        {
+            "customer_id": [f"C{i:04d}" for i in range(n)],
+            "cutoff": np.repeat(pd.to_datetime(["2024-01-01", "2024-04-01"]).date, n // 2),
+            "recency_days": recency,
+            "frequency": rng.integers(1, 20, n),
+            "churned": (recency + rng.normal(0, 60, n) > 180).astype("int8"),
+        }
+    )
+    settings = make_settings(train={"max_rows": 500, "max_rounds": 20})
+    paths = settings.paths
+    paths.features.mkdir(parents=True)
+    snapshots.to_parquet(paths.features / "train.parquet", index=False)
+    (paths.features / "spec.json").write_text('{"horizon_days": 90, "feature_hash": "h"}')
+    summary = train.run(settings.train, settings.mlflow, paths, seed=1)
+    run = mlflow.MlflowClient().get_run(summary.run_id)
+    assert run.data.params["train_rows_total"] == "800"
+    assert run.data.params["train_rows_used"] == "500"
+    assert run.data.params["train_sampled"] == "True"
+    assert run.data.tags["train_sampled"] == "true"

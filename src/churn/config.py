@@ -124,6 +124,7 @@ class TrainSettings:
     max_rounds: int = 2000
     early_stopping_rounds: int = 100
     n_trials: int = 5  # Optuna trials over the LightGBM parameters; 0 = use them as given
+    max_rows: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,7 @@ def _validate(s: Settings) -> None:
         num_leaves=t.num_leaves,
         max_rounds=t.max_rounds,
         early_stopping_rounds=t.early_stopping_rounds,
+        max_rows=t.max_rows,
     )
     if t.n_trials < 0:
         raise ParamsError(f"params: train.n_trials must be >= 0, got {t.n_trials}")

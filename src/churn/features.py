@@ -26,6 +26,7 @@ from ibis.expr import types as ir
 from churn import ChurnError, btyd
 from churn.config import FeatureSettings, Paths
 from churn.io import connect, write_json, write_parquet
+from churn.progress import progress
 
 EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
@@ -491,11 +492,16 @@ def run(
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
     train = ibis.union(*(labelled_snapshot(tx, c, settings, engagement) for c in plan.train))
-    built = {
-        "train": snapshot_frame(train, settings),
-        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings, engagement), settings),
-        "score": snapshot_frame(customer_features(tx, plan.as_of, settings, engagement), settings),
+    expressions = {
+        "train": (train, len(plan.train)),
+        "test": (labelled_snapshot(tx, plan.test, settings, engagement), 1),
+        "score": (customer_features(tx, plan.as_of, settings, engagement), 1),
     }
+    built = {}
+    with progress("features: snapshots (cutoffs)", len(plan.train) + 2) as advance:
+        for name, (expr, cutoffs) in expressions.items():
+            built[name] = snapshot_frame(expr, settings)
+            advance(cutoffs)
     frames = {name: frame for name, (frame, _) in built.items()}
     fits = {cutoff: fit for _, cut_fits in built.values() for cutoff, fit in cut_fits.items()}
     empty = [name for name, frame in frames.items() if frame.empty]

@@ -34,6 +34,7 @@ from churn.drift import profile
 from churn.features import ID_COLUMNS, LABEL
 from churn.io import write_json
 from churn.model import ChurnModel, ModelCard, blend, calibrate, write_artifacts
+from churn.progress import progress
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
 BLEND_COLUMNS = ("bgnbd_p_no_purchase",)
@@ -81,6 +82,33 @@ def split_by_cutoff(snapshots: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     return snapshots[~newest], snapshots[newest]
 
 
+def stratified_sample(snapshots: pd.DataFrame, max_rows: int, *, seed: int) -> pd.DataFrame:
+    """At most ``max_rows`` rows, drawn without replacement within each (cutoff, label)
+    stratum in proportion to its size; rows keep their order. All rows when they fit.
+
+    Each stratum gets ``floor(size * max_rows / total)`` rows and the rows left over go to
+    the largest remainders (ties: the earlier stratum), so the shares of cutoffs and labels
+    stay as close to the full table's as whole rows allow.
+
+    >>> frame = pd.DataFrame({"cutoff": [1] * 6 + [2] * 4, "churned": [0, 0, 0, 0, 1, 1] * 1
+    ...                       + [0, 1, 1, 1]})
+    >>> stratified_sample(frame, 5, seed=0).groupby(["cutoff", "churned"]).size().tolist()
+    [2, 1, 1, 1]
+    """
+    if len(snapshots) <= max_rows:
+        return snapshots
+    strata = snapshots.groupby(["cutoff", LABEL], sort=True).indices
+    sizes = np.array([len(rows) for rows in strata.values()])
+    share = sizes * max_rows / sizes.sum()
+    quota = np.floor(share).astype("int64")
+    leftover = max_rows - int(quota.sum())
+    quota[np.argsort(-(share - quota), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(seed)
+    drawn = zip(strata.values(), quota, strict=True)
+    keep = [rng.choice(rows, size=n, replace=False) for rows, n in drawn]
+    return snapshots.iloc[np.sort(np.concatenate(keep))]
+
+
 def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
     """LightGBM booster parameters from the train settings."""
     return {
@@ -118,13 +146,17 @@ def fit_booster(
     valid_set = lgb.Dataset(
         valid[features].astype("float64"), label=valid[LABEL], reference=train_set
     )
-    return lgb.train(
-        lgb_params(settings, seed),
-        train_set,
-        num_boost_round=settings.max_rounds,
-        valid_sets=[valid_set],
-        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
-    )
+    with progress("train: trees", settings.max_rounds) as advance:
+        return lgb.train(
+            lgb_params(settings, seed),
+            train_set,
+            num_boost_round=settings.max_rounds,
+            valid_sets=[valid_set],
+            callbacks=[
+                lgb.early_stopping(settings.early_stopping_rounds, verbose=False),
+                lambda env: advance(1),
+            ],
+        )
 
 
 def tune(
@@ -276,7 +308,14 @@ def run(
     """Train, log and register the model; save it under ``paths.model``."""
     snapshots = pd.read_parquet(paths.features / "train.parquet")
     spec = json.loads((paths.features / "spec.json").read_text())
-    fitted = build_model(snapshots, settings, spec, seed=seed, drift_bins=drift_bins)
+    used = stratified_sample(snapshots, settings.max_rows, seed=seed)
+    if len(used) < len(snapshots):
+        log.info(
+            "training on %d of %d snapshot rows (train.max_rows), stratified by cutoff and label",
+            len(used),
+            len(snapshots),
+        )
+    fitted = build_model(used, settings, spec, seed=seed, drift_bins=drift_bins)
     booster, card, valid = fitted.booster, fitted.card, fitted.valid
     staging = paths.model.parent / f".{paths.model.name}.artifacts"
     artifacts = write_artifacts(booster, card, staging)
@@ -290,7 +329,11 @@ def run(
                 "horizon_days": card.horizon_days,
                 "feature_hash": card.feature_hash,
                 "n_features": len(card.features),
-                "train_rows": len(snapshots),
+                "train_rows": len(used),
+                "train_rows_total": len(snapshots),
+                "train_rows_used": len(used),
+                "train_max_rows": settings.max_rows,
+                "train_sampled": len(used) < len(snapshots),
                 "train_cutoffs": ",".join(card.train_cutoffs),
                 "validation_cutoff": card.validation_cutoff,
                 "n_trials": settings.n_trials,
@@ -299,6 +342,7 @@ def run(
                 "blend_standard_error": fitted.blend.standard_error,
             }
         )
+        mlflow.set_tag("train_sampled", str(len(used) < len(snapshots)).lower())
         chosen = fitted.blend
         log.info(
             "train: score = %.1f x booster + %.1f x %s (validation AUC: %s; booster alone %.4f, "
