@@ -448,7 +448,10 @@ def _write_in_rank_order(folder: Path, target: Path, chunk_rows: int) -> None:
     con = duckdb.connect()
     con.execute(f"SET temp_directory = '{folder / 'sort'}'")
     query = f"SELECT * EXCLUDE (_rank) FROM read_parquet('{folder}/*.parquet') ORDER BY _rank"
-    reader = con.execute(query).fetch_record_batch(chunk_rows)
+    result = con.execute(query)
+    # to_arrow_reader replaces fetch_record_batch (deprecated) in newer DuckDB releases.
+    batches = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
+    reader = batches(chunk_rows)
     with atomic_text(target, encoding="utf-8-sig") as stream:
         header = True
         for batch in reader:
