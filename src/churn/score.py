@@ -494,7 +494,8 @@ def run_streamed(
     write_json(summary, job.campaign_report)
     log.info("writing %d rows to %s", len(table), job.out)
     job.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".score-", dir=job.out.parent) as tmp:
+    # Spilled rows go to the system temp folder: a killed job leaves nothing beside the list.
+    with tempfile.TemporaryDirectory(prefix="churn-score-") as tmp:
         _write_ranked_parts(
             file,
             model,
