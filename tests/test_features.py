@@ -225,3 +225,24 @@ def test_hand_computed_engagement_features(tiny_tx):
     assert b["days_since_engagement"] == 182
     assert np.isnan(b["nps_last"])
     assert np.isnan(b["nps_detractor"])
+
+
+def test_customers_without_events_count_zero_events(tiny_tx):
+    events = pd.DataFrame(
+        {
+            "customer_id": ["A"],
+            "ts": pd.to_datetime(["2021-03-25"]).astype("datetime64[us]"),
+            "event_type": ["visit"],
+            "family": ["visit"],
+            "value": [np.nan],
+        }
+    )
+    con = ibis.duckdb.connect()
+    engagement = Engagement(events=with_day(con.create_table("ev", events)), families=("visit",))
+    table = with_day(con.create_table("tx", tiny_tx))
+    snap, _ = snapshot_frame(customer_features(table, CUTOFF, SETTINGS, engagement), SETTINGS)
+    b = snap.set_index("customer_id").loc["B"]
+    assert (b["visit_30d"], b["visit_90d"]) == (0, 0)
+    assert np.isnan(b["days_since_engagement"])
+    assert snap["visit_30d"].tolist() == [1, 0]  # A, B
+    assert pd.api.types.is_integer_dtype(snap["visit_30d"])  # a model input, not an object

@@ -264,6 +264,10 @@ def customer_features(
         joined = joined.left_join(engagement_features(engagement, cutoff), "customer_id").drop(
             "customer_id_right"
         )
+        # No events before the cutoff is a count of zero, not an unknown one (a null count
+        # would also reach pandas as an object column, which the model skips).
+        counts = [f"{f}_{w}d" for f in engagement.families for w in ENGAGEMENT_WINDOWS]
+        joined = joined.mutate(**{c: joined[c].fill_null(0) for c in counts})
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         gap_cv=joined.gap_std_days / joined.gap_mean_days,
