@@ -346,7 +346,10 @@ def test_without_a_currency_column_nothing_is_converted(messy_settings):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"columns": {"currency": "Currency"}}, r"reporting_currency must name"),
+        (
+            {"columns": {"currency": "Currency"}, "reporting_currency": None},
+            r"reporting_currency must name",
+        ),
         ({"currency_rates": {"EUR": 0}}, r"currency_rates must be > 0, got \{'EUR': 0.0\}"),
         (
             {"reporting_currency": "GBP", "currency_rates": {"gbp": 1.2}},
@@ -358,3 +361,57 @@ def test_without_a_currency_column_nothing_is_converted(messy_settings):
 def test_currency_params_are_checked(make_settings, overrides, message):
     with pytest.raises(ChurnError, match=message):
         make_settings(data={"transactions": overrides})
+
+
+# --- returns matched to orders ------------------------------------------------------------
+
+RETURNS = """Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode
+1,A,2021-01-01 10:00,2,10.0,P1
+2,A,2021-01-05 10:00,1,10.0,P1
+3,A,2021-01-06 10:00,1,4.0,P2
+C10,A,2021-01-07 10:00,-1,10.0,P1
+C11,A,2021-01-02 10:00,-1,10.0,P1
+C12,A,2021-01-07 10:00,-1,4.0,P3
+4,B,2021-01-08 10:00,1,4.0,P3
+C13,B,2021-01-07 10:00,-1,4.0,P3
+C14,B,2021-01-09 10:00,-1,4.0,P1
+5,B,2021-01-10 10:00,1,4.0,P1
+"""
+
+
+def _returns_settings(tmp_path: Path, make_settings, **columns):
+    export = tmp_path / "returns.csv"
+    export.write_text(RETURNS)
+    return make_settings(data={"transactions": {"path": str(export), "columns": columns}})
+
+
+def test_returns_are_matched_to_the_latest_earlier_purchase(tmp_path, make_settings):
+    settings = _returns_settings(tmp_path, make_settings)
+    ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions).set_index("order_id")
+    matched = {k: None if pd.isna(v) else v for k, v in kept["matched_order_id"].items()}
+    assert matched == {
+        "1": None,
+        "2": None,
+        "3": None,
+        "4": None,
+        "5": None,
+        "C10": "2",  # A bought P1 in orders 1 and 2; 2 is the latest before the return
+        "C11": "1",  # only order 1 came before this one
+        "C12": None,  # A never bought P3
+        "C13": None,  # B bought P3 only after returning it
+        "C14": None,  # B's P1 purchase comes later; A's purchases are not B's
+    }
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["returns"] == {"lines": 5, "matched": 2, "unmatched": 3}
+    assert report["reconciles"] is True
+
+
+def test_without_order_ids_no_return_is_matched(tmp_path, make_settings):
+    settings = _returns_settings(tmp_path, make_settings, order_id=None)
+    ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert kept["matched_order_id"].isna().all()
+    assert kept["is_return"].sum() == 5  # negative quantities
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["returns"] == {"lines": 5, "matched": 0, "unmatched": 5}

@@ -11,6 +11,9 @@ The canonical table has one row per transaction line::
     product_id   string     null when the export has none
     channel      string     null when the export has none
     is_return    boolean    negative quantity or an order id with the return prefix
+    matched_order_id string for a return, the order of the customer's latest purchase of
+                            the same product at or before it (null when none, or when
+                            the export has no order ids)
 
 Counts reconcile: rows read = kept + rejected + exact duplicates removed.
 """
@@ -180,6 +183,32 @@ def canonical(parsed: ir.Table) -> ir.Table:
     )
 
 
+def match_returns(lines: ir.Table) -> ir.Table:
+    """Add ``matched_order_id`` to canonical lines: for a return, the order of the same
+    customer's latest purchase of the same product at or before the return; null for
+    purchases and for returns without such a purchase."""
+    bought = lines.filter(~lines.is_return, lines.product_id.notnull())
+    bought = bought.select(
+        "customer_id", "product_id", bought_ts=bought.ts, matched_order_id=bought.order_id
+    )
+    returns = lines.filter(lines.is_return)
+    matched = returns.asof_join(
+        bought, on=returns.ts >= bought.bought_ts, predicates=["customer_id", "product_id"]
+    ).select(*lines.columns, "matched_order_id")
+    purchases = lines.filter(~lines.is_return).mutate(matched_order_id=ibis.null("string"))
+    return ibis.union(purchases, matched)
+
+
+def return_matches(lines: ir.Table) -> dict[str, int]:
+    """Return lines, and how many :func:`match_returns` linked to a purchase order."""
+    returns = lines.filter(lines.is_return)
+    counts = returns.agg(
+        lines=returns.count(), matched=returns.matched_order_id.notnull().sum()
+    ).execute()
+    n, matched = int(counts["lines"].iloc[0]), int(counts["matched"].fillna(0).iloc[0])
+    return {"lines": n, "matched": matched, "unmatched": n - matched}
+
+
 def rejects(parsed: ir.Table) -> ir.Table:
     """The rejected lines of :func:`parse_lines`: their original text and the reason."""
     return parsed.filter(parsed.reason.notnull()).select(
@@ -269,7 +298,12 @@ def run(data: DataSettings, paths: Paths) -> IngestSummary:
     )
     has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
     event_tables = _ingest_events(events) if has_events else None
-    write_parquet(canonical(parsed), paths.transactions)
+    lines = canonical(parsed)
+    if source.columns.get("order_id"):
+        lines = con.create_table("canonical_lines", match_returns(lines), temp=True)
+    else:  # without order ids there is no order to link a return to
+        lines = lines.mutate(matched_order_id=ibis.null("string"))
+    write_parquet(lines, paths.transactions)
     write_parquet(rejects(parsed), paths.rejects)
     if event_tables is None:
         write_parquet(EMPTY_EVENTS, paths.events)
@@ -280,6 +314,7 @@ def run(data: DataSettings, paths: Paths) -> IngestSummary:
         write_parquet(kept, paths.events)
         write_parquet(rejected, paths.event_rejects)
         report = {**_report(summary), "events": _report(event_summary)}
+    report["returns"] = return_matches(lines)
     if rates:
         report["currency"] = currency_report(parsed, source.reporting_currency, rates)
     write_json(report, paths.ingest_report)
