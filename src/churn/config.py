@@ -121,6 +121,8 @@ class FeatureSettings:
     windows_days: tuple[int, ...] = (30, 90, 180, 365)
     btyd_fit_customers: int = 200_000
     annual_discount_rate: float = 0.1
+    # Channel values (any case) that count as online; left empty without a channel column.
+    online_channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,8 +319,14 @@ def _resolve_paths(settings: Settings, root: Path) -> Settings:
         data.transactions, path=tuple(root / p for p in data.transactions.path)
     )
     events = dataclasses.replace(data.events, path=tuple(root / p for p in data.events.path))
+    features = settings.features
+    if not transactions.columns.get("channel"):  # no channel, no channel mix
+        features = dataclasses.replace(features, online_channels=())
     return dataclasses.replace(
-        settings, paths=paths, data=DataSettings(transactions=transactions, events=events)
+        settings,
+        paths=paths,
+        data=DataSettings(transactions=transactions, events=events),
+        features=features,
     )
 
 

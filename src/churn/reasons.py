@@ -79,6 +79,7 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
     "nps_detractor": lambda r: "a detractor (NPS 0-6)" if r["nps_detractor"] else "no detractor",
     "csat_last": lambda r: f"last satisfaction score {r['csat_last']:.0f} of 5",
     "csat_mean": lambda r: f"average satisfaction score {r['csat_mean']:.1f} of 5",
+    "online_order_share": lambda r: f"{r['online_order_share'] * 100:.0f}% of orders online",
 }
 
 WINDOWED = re.compile(r"^(orders|spend)_(\d+)d$")
@@ -140,6 +141,7 @@ LABELS = {
     "nps_detractor": "NPS detractor",
     "csat_last": "last satisfaction score",
     "csat_mean": "average satisfaction score",
+    "online_order_share": "share of orders placed online",
 }
 
 
