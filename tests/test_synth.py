@@ -3,6 +3,7 @@ returns that point at real purchases, scaling, the churn signal it promises, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -333,7 +334,11 @@ def test_synth_command_writes_files_the_pipeline_ingests(tmp_path: Path, make_se
     # which ingest removes and counts.
     assert summary.duplicates_removed == expected.transactions.duplicated().sum()
     lines = pd.read_parquet(settings.paths.transactions)
-    assert lines["is_return"].sum() == (expected.transactions["quantity"] < 0).sum()
+    n_returns = int((expected.transactions["quantity"] < 0).sum())
+    assert lines["is_return"].sum() == n_returns
+    # Every synthetic return follows a purchase of the same product by the same customer.
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["returns"] == {"lines": n_returns, "matched": n_returns, "unmatched": 0}
 
 
 def test_synth_command_rejects_a_bad_size(tmp_path: Path):
