@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint check clean screenshot
+.PHONY: help install run test lint check clean screenshot bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ run: install ## Run the whole pipeline (dvc repro) on the data named in params.y
 test: install ## Run the test suite
 	pytest
 
+bench: install ## Benchmark 1M and 10M synthetic rows into reports/bench.json (BENCH_ARGS=--100m)
+	python -m benchmarks.run $(BENCH_ARGS)
+
 screenshot: ## Render reports/retention_report.html to a PNG (needs Debian's chromium)
 	chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
 	  --disable-component-update --no-first-run --user-data-dir=$$(mktemp -d) \
@@ -37,8 +40,8 @@ screenshot: ## Render reports/retention_report.html to a PNG (needs Debian's chr
 	  file://$(CURDIR)/reports/retention_report.html
 
 lint: install ## ruff lint and format check
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
 
 check: lint test ## Everything CI runs
 

@@ -130,7 +130,11 @@ def pipeline(tmp_path_factory) -> Iterator[TrainedPipeline]:
 
     root = tmp_path_factory.mktemp("pipeline")
     (root / "data" / "events").mkdir(parents=True)
-    params = merge(project_params(), {"data": {"transactions": {"path": str(SAMPLE)}}})
+    # Two tuning trials (the default is more) keep the suite quick and still nest runs.
+    params = merge(
+        project_params(),
+        {"data": {"transactions": {"path": str(SAMPLE)}}, "train": {"n_trials": 2}},
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     settings = settings_from_dict(params, root)
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -26,6 +26,7 @@ from churn.train import build_model
 from tests.conftest import ROOT, SAMPLE, merge, project_params
 
 pytestmark = pytest.mark.slow
+NO_TUNING = {"train": {"n_trials": 0}}  # the wiring is under test here; tuning is in test_train
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -67,7 +68,7 @@ def repo(tmp_path_factory):
     for path in sorted(SAMPLE.glob("*.parquet")):
         frame = pd.read_parquet(path)
         frame[frame["Customer ID"].fillna(0) % 3 == 0].to_parquet(root / "data/sample" / path.name)
-    env = _init_repo(root, project_params())
+    env = _init_repo(root, merge(project_params(), NO_TUNING))
     _run(["dvc", "repro"], root, env)
     return root, env
 
@@ -145,7 +146,7 @@ SYNTH_COLUMNS = {**{c: c for c in TRANSACTION_COLUMNS}, "amount": None, "channel
 
 @pytest.fixture(scope="module")
 def synthetic_repo(tmp_path_factory):
-    """The pipeline up to evaluate on synthetic transactions and events, through `dvc repro`.
+    """The whole pipeline on synthetic transactions and events, through `dvc repro`.
 
     BTYD fits are left out (too few customers to fit on): they cost a minute here and the
     synthetic truth is about the model, not them.
@@ -163,10 +164,11 @@ def synthetic_repo(tmp_path_factory):
                 "events": {"path": "data/synth/events.parquet"},
             },
             "features": {"n_snapshots": 3, "btyd_fit_customers": MIN_BTYD_BUYERS - 1},
+            **NO_TUNING,
         },
     )
     env = _init_repo(root, params)
-    _run(["dvc", "repro", "evaluate"], root, env)
+    _run(["dvc", "repro"], root, env)
     return root, env, settings_from_dict(params, root)
 
 
@@ -202,6 +204,9 @@ def test_synthetic_engagement_features_reach_the_importance_table(synthetic_repo
     assert len(used) >= 5
     top = list(importance)[:5]
     assert any(name in engaged for name in top), top
+    scored = pd.read_csv(root / "data/scored/retention_list.csv", dtype={"customer_id": str})
+    score = pd.read_parquet(root / "data/features/score.parquet")
+    assert set(scored["customer_id"]) == set(score["customer_id"])
 
 
 def test_synthetic_model_ranks_true_churners_high_and_events_help(synthetic_repo):
@@ -216,11 +221,15 @@ def test_synthetic_model_ranks_true_churners_high_and_events_help(synthetic_repo
         y_true, load_model(str(root / "models/churn_model")).predict_proba(test)
     )
     engaged = _engagement_columns(spec["engagement_families"])
-    booster, card, _ = build_model(
+    fitted = build_model(
         train.drop(columns=list(engaged)), settings.train, spec, seed=settings.seed
     )
+    card = fitted.card
     assert not engaged & set(card.features)
-    raw = booster.predict(test[card.features].astype("float64"), num_iteration=card.best_iteration)
+    assert card.blend_column is None  # no BTYD columns to blend with: the booster alone
+    raw = fitted.booster.predict(
+        test[card.features].astype("float64"), num_iteration=card.best_iteration
+    )
     without_events = roc_auc_score(y_true, raw)
 
     assert with_events >= 0.8

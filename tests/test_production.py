@@ -74,6 +74,11 @@ def test_scores_registered_champion_byte_identically(pipeline, tmp_path):
     assert (scored["as_of"] == "2011-12-10").all()
     assert scored["action"].notna().all()
     assert scored["selected"].any()
+    # 12-month value net of returns: never negative or missing; value at risk is p x CLV.
+    assert (scored["clv_12m"] >= 0).all()
+    assert scored["clv_12m"].notna().all()
+    gap = scored["value_at_risk"] - scored["churn_probability"] * scored["clv_12m"]
+    assert (gap.abs() <= 0.01 + 1e-4 * scored["clv_12m"]).all()
     workbook = pd.read_excel(first.with_suffix(".xlsx"), dtype={"customer_id": str})
     assert workbook["customer_id"].tolist() == scored["customer_id"].tolist()
 

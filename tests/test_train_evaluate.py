@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from churn import evaluate, train
+from churn import evaluate, features, train
 from churn.config import GateSettings, TrainSettings
 from churn.evaluate import gate_decision
-from churn.model import load_model
+from churn.features import LABEL
+from churn.model import ChurnModel, load_model, write_artifacts
 
 
 def test_metrics_json_shape_and_model_beats_recency(pipeline):
@@ -60,7 +64,7 @@ def test_weaker_model_does_not_replace_champion(pipeline, tmp_path):
         plots=tmp_path / "plots",
     )
     weak = train.run(
-        TrainSettings(max_rounds=2, num_leaves=2, early_stopping_rounds=1),
+        TrainSettings(max_rounds=2, num_leaves=2, early_stopping_rounds=1, n_trials=0),
         s.mlflow,
         paths,
         seed=s.seed,
@@ -98,3 +102,140 @@ def test_gate_decision(challenger, champion, promoted, reason):
     )
     assert decision is promoted
     assert reason in " ".join(reasons)
+
+
+def _validation(
+    booster_p: np.ndarray, btyd_p: np.ndarray, y: np.ndarray
+) -> tuple[pd.DataFrame, np.ndarray]:
+    return pd.DataFrame({LABEL: y, "bgnbd_p_no_purchase": btyd_p}), booster_p
+
+
+def test_blend_falls_back_to_the_btyd_score_when_the_booster_adds_nothing():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    btyd_p = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, y.size), 0, 1)
+    valid, booster_p = _validation(rng.uniform(size=y.size), btyd_p, y)  # pure noise
+    chosen = train.choose_blend(booster_p, valid, seed=1)
+    assert (chosen.column, chosen.weight) == ("bgnbd_p_no_purchase", 0.0)
+    assert chosen.validation_auc["booster"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_blend_keeps_the_booster_when_it_is_clearly_better():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    btyd_p = rng.uniform(size=y.size)  # pure noise
+    valid, booster_p = _validation(np.where(y == 1, 0.8, 0.2), btyd_p, y)  # perfect ranking
+    chosen = train.choose_blend(booster_p, valid, seed=1)
+    auc, se = chosen.validation_auc, chosen.standard_error
+    assert auc["booster"] == 1.0
+    assert chosen.weight >= 0.5
+    # The one-standard-error rule: the most BTYD weight whose AUC is within one SE of the best.
+    assert auc[f"{chosen.column}@{chosen.weight}"] >= 1.0 - se
+    heavier = [w for w in train.BLEND_WEIGHTS if w < chosen.weight]
+    assert all(auc[f"bgnbd_p_no_purchase@{w}"] < 1.0 - se for w in heavier)
+
+
+def test_tuning_trials_are_nested_runs_and_choices_are_logged(pipeline):
+    client = mlflow.MlflowClient()
+    parent = client.get_run(pipeline.run_id)
+    settings = pipeline.settings.train
+    assert parent.data.params["n_trials"] == str(settings.n_trials)
+    assert parent.data.params["blend_column"] in ("bgnbd_p_no_purchase", "none")
+    trials = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pipeline.run_id}'"
+    )
+    assert len(trials) == settings.n_trials
+    first = next(t for t in trials if t.info.run_name == "trial-0")  # the params as given
+    assert float(first.data.params["learning_rate"]) == settings.learning_rate
+    assert int(first.data.params["num_leaves"]) == settings.num_leaves
+    assert all(0.5 < t.data.metrics["validation_auc"] <= 1 for t in trials)
+    artifacts = {a.path for a in client.list_artifacts(pipeline.run_id)}
+    assert {"btyd_fits.json", "blend_validation_auc.json"} <= artifacts
+    fits = mlflow.artifacts.load_dict(f"runs:/{pipeline.run_id}/btyd_fits.json")
+    assert all(f["fitted"] and f["bgnbd"]["converged"] for f in fits.values())
+
+
+@pytest.mark.slow
+def test_small_data_model_does_not_lose_to_btyd(pipeline, tmp_path):
+    """On 600 random customers the model must rank at least as well as BG/NBD: the
+    validation snapshot decides how much it leans on the BTYD score."""
+    s = pipeline.settings
+    transactions = pd.read_parquet(s.paths.transactions)
+    customers = np.sort(transactions["customer_id"].unique())
+    picked = np.random.default_rng(s.seed).choice(customers, 600, replace=False)
+    paths = dataclasses.replace(
+        s.paths, transactions=tmp_path / "transactions.parquet", features=tmp_path / "features"
+    )
+    transactions[transactions["customer_id"].isin(picked)].to_parquet(paths.transactions)
+    features.run(s.features, paths)
+    snapshots = pd.read_parquet(paths.features / "train.parquet")
+    spec = json.loads((paths.features / "spec.json").read_text())
+    fitted = train.build_model(snapshots, s.train, spec, seed=s.seed)
+    model = ChurnModel()
+    artifacts = write_artifacts(fitted.booster, fitted.card, tmp_path / "model")
+    model.load_context(SimpleNamespace(artifacts=artifacts))
+    test = pd.read_parquet(paths.features / "test.parquet")
+    scorers = {"model": model.predict_proba(test), **evaluate.btyd_probabilities(test, 90)}
+    auc = {name: roc_auc_score(test[LABEL], p) for name, p in scorers.items()}
+    assert len(test) < 600
+    assert auc["model"] >= auc["bgnbd"]
+
+
+def _stacked(sizes: dict[tuple[str, int], int]) -> pd.DataFrame:
+    """Stacked snapshots with ``sizes[(cutoff, churned)]`` rows per stratum."""
+    parts = [
+        pd.DataFrame({"cutoff": cutoff, "churned": label, "row": range(n)})
+        for (cutoff, label), n in sizes.items()
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_stratified_sample_keeps_cutoff_and_label_shares():
+    # 1000 rows: 600 at the first cutoff (450 kept, 150 churned), 400 at the second (100/300).
+    snapshots = _stacked({("a", 0): 450, ("a", 1): 150, ("b", 0): 100, ("b", 1): 300})
+    sample = train.stratified_sample(snapshots, 100, seed=7)
+    counts = sample.groupby(["cutoff", "churned"]).size().to_dict()
+    assert counts == {("a", 0): 45, ("a", 1): 15, ("b", 0): 10, ("b", 1): 30}
+    assert sample.index.is_monotonic_increasing  # rows keep their order
+    assert sample.index.is_unique
+    again = train.stratified_sample(snapshots, 100, seed=7)
+    assert again.index.equals(sample.index)
+
+
+def test_stratified_sample_gives_leftover_rows_to_largest_remainders():
+    # Shares of 7 rows over strata of 5, 3, 2: 3.5, 2.1, 1.4 -> floors 3, 2, 1 and one left,
+    # which goes to the largest remainder (0.5, the first stratum).
+    snapshots = _stacked({("a", 0): 5, ("a", 1): 3, ("b", 0): 2})
+    sample = train.stratified_sample(snapshots, 7, seed=0)
+    assert sample.groupby(["cutoff", "churned"]).size().tolist() == [4, 2, 1]
+
+
+def test_stratified_sample_returns_everything_when_under_the_cap():
+    snapshots = _stacked({("a", 0): 3, ("b", 1): 2})
+    assert train.stratified_sample(snapshots, 5, seed=0) is snapshots
+
+
+def test_training_above_max_rows_samples_and_logs_it(make_settings, tracking):
+    rng = np.random.default_rng(3)
+    n = 800
+    recency = rng.integers(1, 365, n)
+    snapshots = pd.DataFrame(
+        {
+            "customer_id": [f"C{i:04d}" for i in range(n)],
+            "cutoff": np.repeat(pd.to_datetime(["2024-01-01", "2024-04-01"]).date, n // 2),
+            "recency_days": recency,
+            "frequency": rng.integers(1, 20, n),
+            "churned": (recency + rng.normal(0, 60, n) > 180).astype("int8"),
+        }
+    )
+    settings = make_settings(train={"max_rows": 500, "max_rounds": 20})
+    paths = settings.paths
+    paths.features.mkdir(parents=True)
+    snapshots.to_parquet(paths.features / "train.parquet", index=False)
+    (paths.features / "spec.json").write_text('{"horizon_days": 90, "feature_hash": "h"}')
+    summary = train.run(settings.train, settings.mlflow, paths, seed=1)
+    run = mlflow.MlflowClient().get_run(summary.run_id)
+    assert run.data.params["train_rows_total"] == "800"
+    assert run.data.params["train_rows_used"] == "500"
+    assert run.data.params["train_sampled"] == "True"
+    assert run.data.tags["train_sampled"] == "true"

@@ -2,7 +2,7 @@
 
 Each customer gets exactly one action from the rule table in ``params.yaml`` (by RFM segment,
 risk tier and value band). The expected value an action saves is
-``churn_probability x customer_value x save_rate - cost``; :func:`select_by_value` spends the
+``value_at_risk x save_rate - cost``; :func:`select_by_value` spends the
 budget where that is largest per unit of cost.
 """
 
@@ -50,7 +50,7 @@ def expected_value_saved(frame: pd.DataFrame, settings: ActionSettings) -> pd.Da
     catalogue = settings.catalogue
     cost = frame["action"].map(lambda a: catalogue[a].cost).astype("float64")
     rate = frame["action"].map(lambda a: catalogue[a].save_rate).astype("float64")
-    saved = frame["churn_probability"] * frame["customer_value"] * rate - cost
+    saved = frame["value_at_risk"] * rate - cost
     return frame.assign(action_cost=cost, save_rate=rate, expected_value_saved=saved)
 
 

@@ -231,7 +231,7 @@ def score(
             families=tuple(settings.data.events.families),
         )
     else:
-        snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
+        snapshot = settings.paths.features / "score.parquet"
         spec = json.loads((settings.paths.features / "spec.json").read_text())
     if model is None:
         version = json.loads(settings.paths.model_info.read_text())["model_version"]
@@ -245,7 +245,10 @@ def score(
         allow_drift=allow_drift,
         xlsx=xlsx,
     )
-    s = stage.run(
+    # The pipeline's snapshot is streamed from Parquet; one built from --transactions is
+    # already in memory.
+    score_stage = stage.run if isinstance(snapshot, pd.DataFrame) else stage.run_streamed
+    s = score_stage(
         snapshot,
         spec,
         churn_model,
@@ -328,6 +331,23 @@ def synth(
     for name, path in paths.items():
         typer.echo(f"{path}: {len(getattr(data, name))} rows")
     typer.echo(f"{customers} customers, {churned} churned before the window ended")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Benchmark the pipeline on synthetic data (1M and 10M rows) into reports/bench.json.
+
+    Runs the harness in the repository's ``benchmarks/`` folder (run from the repository
+    root); its options pass through: --sizes N..., --100m, --repeats N, --out PATH,
+    --btyd-fit-customers N.
+    """
+    harness = Path.cwd() / "benchmarks" / "run.py"
+    if not harness.is_file():
+        raise ChurnError(f"{harness}: not found; run `churn bench` from the repository root")
+    sys.path.insert(0, str(harness.parents[1]))
+    from benchmarks.run import main as run_benchmarks
+
+    run_benchmarks(list(ctx.args))
 
 
 def _as_of(text: str | None, transactions: Path) -> date:

@@ -136,6 +136,8 @@ class TrainSettings:
     lambda_l2: float = 1.0
     max_rounds: int = 2000
     early_stopping_rounds: int = 100
+    n_trials: int = 5  # Optuna trials over the LightGBM parameters; 0 = use them as given
+    max_rows: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -382,7 +384,10 @@ def _validate(s: Settings) -> None:
         num_leaves=t.num_leaves,
         max_rounds=t.max_rounds,
         early_stopping_rounds=t.early_stopping_rounds,
+        max_rows=t.max_rows,
     )
+    if t.n_trials < 0:
+        raise ParamsError(f"params: train.n_trials must be >= 0, got {t.n_trials}")
     for name in ("feature_fraction", "bagging_fraction"):
         if not 0 < getattr(t, name) <= 1:
             raise ParamsError(f"params: train.{name} must be in (0, 1], got {getattr(t, name)}")

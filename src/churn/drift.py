@@ -47,10 +47,29 @@ def psi(reference: dict[str, list[float]], values: np.ndarray) -> float:
     >>> round(psi(ref, np.arange(100.0)), 6)
     0.0
     """
-    expected = np.clip(np.asarray(reference["shares"]), EPSILON, None)
-    actual = np.clip(
-        _shares(np.asarray(values, "float64"), np.asarray(reference["edges"])), EPSILON, None
+    return psi_of_counts(reference, bin_counts(reference, values))
+
+
+def bin_counts(reference: dict[str, list[float]], values: np.ndarray) -> np.ndarray:
+    """How many ``values`` fall in each bin of a :func:`profile`, missing last; counts of
+    batches add up to those of the whole population.
+
+    >>> bin_counts({"edges": [2.5], "shares": []}, np.array([1.0, 3.0, 4.0, np.nan])).tolist()
+    [1, 2, 1]
+    """
+    values = np.asarray(values, dtype="float64")
+    missing = np.isnan(values)
+    inner = np.asarray(reference["edges"], dtype="float64")
+    counts = np.bincount(
+        np.searchsorted(inner, values[~missing], side="right"), minlength=len(inner) + 1
     )
+    return np.append(counts, missing.sum())
+
+
+def psi_of_counts(reference: dict[str, list[float]], counts: np.ndarray) -> float:
+    """:func:`psi` of a population given by its :func:`bin_counts`."""
+    expected = np.clip(np.asarray(reference["shares"]), EPSILON, None)
+    actual = np.clip(counts / max(int(counts.sum()), 1), EPSILON, None)
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
@@ -66,9 +85,20 @@ def drift_report(
 
     Exempt columns (those that move with the calendar by construction) warn but never fail.
     """
+    return drift_status(
+        {name: psi(reference, current[name]) for name, reference in references.items()},
+        warn_psi=warn_psi,
+        fail_psi=fail_psi,
+        exempt=exempt,
+    )
+
+
+def drift_status(
+    psis: dict[str, float], *, warn_psi: float, fail_psi: float, exempt: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The drift report of columns with known PSI: status per column and overall."""
     columns = {}
-    for name, reference in references.items():
-        value = psi(reference, current[name])
+    for name, value in psis.items():
         status = "fail" if value > fail_psi else "warn" if value > warn_psi else "ok"
         if status == "fail" and name in exempt:
             status = "warn"

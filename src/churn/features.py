@@ -26,6 +26,7 @@ from ibis.expr import types as ir
 from churn import ChurnError, btyd
 from churn.config import FeatureSettings, Paths
 from churn.io import connect, write_json, write_parquet
+from churn.progress import progress
 
 EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
@@ -33,12 +34,9 @@ LABEL = "churned"
 TREND_DAYS = 90
 ENGAGEMENT_WINDOWS = (30, 90)
 MIN_BTYD_BUYERS = 10  # repeat buyers a snapshot needs before BTYD models are fitted to it
-BTYD_COLUMNS = (
-    "bgnbd_p_no_purchase",
-    "pareto_nbd_p_no_purchase",
-    "bgnbd_p_alive",
-    "bgnbd_expected_purchases",
-)
+# BG/NBD's P(alive) is left out: it is exactly 1 for every one-time buyer, so its
+# distribution swings with the share of new customers and fails every drift check.
+BTYD_COLUMNS = ("bgnbd_p_no_purchase", "bgnbd_expected_purchases")
 
 log = logging.getLogger(__name__)
 
@@ -367,12 +365,12 @@ def btyd_inputs(snapshot: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndar
 def btyd_features(
     snapshot: pd.DataFrame, settings: FeatureSettings, cutoff: date
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """BG/NBD, Pareto/NBD and Gamma-Gamma outputs for one snapshot, and the fit report.
+    """BG/NBD and Gamma-Gamma outputs for one snapshot, and the fit report.
 
     The models are fitted on this snapshot's customers (at most ``btyd_fit_customers`` of
     them, drawn with a seed fixed by the cutoff), whose histories end before the cutoff.
-    Columns: P(no purchase in the horizon) under both models, BG/NBD P(alive) and expected
-    purchases in the horizon, and ``clv_12m``: expected purchases in the next 12 months,
+    Columns: BG/NBD P(no purchase in the horizon) and expected purchases in the horizon,
+    and ``clv_12m``: expected purchases in the next 12 months,
     each month discounted at ``annual_discount_rate``, times the Gamma-Gamma spend per
     purchase day, reduced by the customer's return rate; never negative or missing. When a
     snapshot has too few repeat buyers to fit, the model columns are missing and ``clv_12m``
@@ -395,17 +393,14 @@ def btyd_features(
         years = np.maximum(snapshot["tenure_days"].to_numpy("float64"), 365) / 365
         out["clv_12m"] = np.clip(snapshot["monetary"].to_numpy("float64") / years * kept, 0, None)
         return out, {"fitted": False, "reason": reason, "customers": int(fit_rows.size)}
+    # Pareto/NBD ranks customers like BG/NBD but its likelihood costs a quadrature per
+    # customer: it is the evaluate stage's baseline, not a feature.
     bgnbd = btyd.fit_bgnbd(x[fit_rows], t_x[fit_rows], age[fit_rows])
-    pareto = btyd.fit_pareto_nbd(x[fit_rows], t_x[fit_rows], age[fit_rows])
     spend = btyd.fit_gamma_gamma(x[fit_rows], spend_per_day[fit_rows])
     params = bgnbd.params
     out["bgnbd_p_no_purchase"] = btyd.bgnbd_probability_no_purchase(
         params, x, t_x, age, horizon=horizon
     )
-    out["pareto_nbd_p_no_purchase"] = btyd.pareto_nbd_probability_no_purchase(
-        pareto.params, x, t_x, age, horizon=horizon
-    )
-    out["bgnbd_p_alive"] = btyd.bgnbd_probability_alive(params, x, t_x, age)
     out["bgnbd_expected_purchases"] = btyd.bgnbd_expected_purchases(
         params, x, t_x, age, horizon=horizon
     )
@@ -423,7 +418,7 @@ def btyd_features(
     report = {
         "fitted": True,
         "customers": int(fit_rows.size),
-        **{name: _fit_report(fit) for name, fit in (("bgnbd", bgnbd), ("pareto_nbd", pareto))},
+        "bgnbd": _fit_report(bgnbd),
         "gamma_gamma": _fit_report(spend),
     }
     return out, report
@@ -522,11 +517,16 @@ def run(
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
     train = ibis.union(*(labelled_snapshot(tx, c, settings, engagement) for c in plan.train))
-    built = {
-        "train": snapshot_frame(train, settings),
-        "test": snapshot_frame(labelled_snapshot(tx, plan.test, settings, engagement), settings),
-        "score": snapshot_frame(customer_features(tx, plan.as_of, settings, engagement), settings),
+    expressions = {
+        "train": (train, len(plan.train)),
+        "test": (labelled_snapshot(tx, plan.test, settings, engagement), 1),
+        "score": (customer_features(tx, plan.as_of, settings, engagement), 1),
     }
+    built = {}
+    with progress("features: snapshots (cutoffs)", len(plan.train) + 2) as advance:
+        for name, (expr, cutoffs) in expressions.items():
+            built[name] = snapshot_frame(expr, settings)
+            advance(cutoffs)
     frames = {name: frame for name, (frame, _) in built.items()}
     fits = {cutoff: fit for _, cut_fits in built.values() for cutoff, fit in cut_fits.items()}
     empty = [name for name, frame in frames.items() if frame.empty]

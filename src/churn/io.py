@@ -27,6 +27,9 @@ SUFFIX_FORMATS = {
 }
 
 
+WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
+
+
 class InputError(ChurnError):
     """An input file is missing, unreadable, or lacks what the params say it holds."""
 
@@ -94,6 +97,8 @@ def read_table(
     try:
         if fmt == "parquet":
             return con.read_parquet(path)
+        if fmt == "csv" and delimiter == WHITESPACE:
+            return _read_whitespace_separated(con, path, encoding)
         if fmt == "csv":
             return con.read_csv(
                 path, delim=delimiter, encoding=encoding, all_varchar=True, header=True
@@ -102,6 +107,24 @@ def read_table(
         return con.create_table(f"excel_{abs(hash(path))}", frame, temp=True)
     except Exception as exc:  # the engines raise many types; the user needs file + reason
         raise InputError(f"{path}: cannot read as {fmt}: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_whitespace_separated(con: ibis.BaseBackend, path: Path, encoding: str) -> ir.Table:
+    """A text table whose fields are separated by runs of blanks (as in the CDNOW files):
+    each line is read whole and split; a line with too few fields gets nulls."""
+    with path.open(encoding=encoding, errors="replace") as stream:
+        names = stream.readline().split()
+    lines = con.read_csv(
+        path,
+        delim="\x1f",  # a control character that text exports never hold: one column per line
+        header=True,
+        columns={"line": "VARCHAR"},
+        quote="",
+        escape="",
+        encoding=encoding,
+    )
+    fields = lines.line.re_replace(r"^\s+|\s+$", "").re_split(r"\s+")
+    return lines.select(**{name: fields[i] for i, name in enumerate(names)})
 
 
 @contextlib.contextmanager

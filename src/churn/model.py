@@ -31,7 +31,9 @@ class ModelCard:
     """What a model was trained on, how its scores are calibrated, and what it expects.
 
     ``reference`` holds drift profiles (see :mod:`churn.drift`) of every feature and of the
-    churn probability on the validation snapshot.
+    churn probability on the validation snapshot. The score that is calibrated is
+    ``blend_weight`` x the booster's probability + the rest x the BTYD churn probability in
+    ``blend_column`` (none: the booster alone).
     """
 
     features: list[str]
@@ -43,6 +45,8 @@ class ModelCard:
     calibration_x: list[float]
     calibration_y: list[float]
     reference: dict[str, dict[str, list[float]]]
+    blend_column: str | None = None
+    blend_weight: float = 1.0
 
 
 def contract_problems(
@@ -63,13 +67,29 @@ def contract_problems(
     return problems
 
 
-def calibrate(raw: np.ndarray, x: list[float], y: list[float]) -> np.ndarray:
-    """Map raw scores through an isotonic step function given by its thresholds.
+TIE_BREAK = 1e-6  # keeps the raw order inside isotonic plateaus: calibration must not tie
 
-    >>> calibrate(np.array([0.0, 0.25, 1.0]), [0.1, 0.5], [0.2, 0.6]).tolist()
-    [0.2, 0.35, 0.6]
+
+def calibrate(raw: np.ndarray, x: list[float], y: list[float]) -> np.ndarray:
+    """Map raw scores (in [0, 1]) through an isotonic step function given by its thresholds,
+    plus ``TIE_BREAK`` x the raw score so that customers the raw score ranks stay ranked.
+
+    >>> calibrate(np.array([0.0, 0.25, 1.0]), [0.1, 0.5], [0.2, 0.6]).round(6).tolist()
+    [0.2, 0.35, 0.600001]
     """
-    return np.interp(raw, x, y)
+    return np.clip(np.interp(raw, x, y) + TIE_BREAK * raw, 0, 1)
+
+
+def blend(booster_p: np.ndarray, btyd_p: np.ndarray | None, weight: float) -> np.ndarray:
+    """``weight`` x the booster's probability + the rest x the BTYD one; where the BTYD
+    probability is missing the booster's stands alone.
+
+    >>> blend(np.array([0.2, 0.6]), np.array([0.4, np.nan]), 0.25).tolist()
+    [0.35, 0.6]
+    """
+    if btyd_p is None or weight >= 1:
+        return booster_p
+    return np.where(np.isnan(btyd_p), booster_p, weight * booster_p + (1 - weight) * btyd_p)
 
 
 class ChurnModel(mlflow.pyfunc.PythonModel):
@@ -88,8 +108,12 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         """Calibrated churn probability of each row."""
-        raw = self._booster.predict(self.matrix(frame), num_iteration=self._card.best_iteration)
-        return calibrate(raw, self._card.calibration_x, self._card.calibration_y)
+        card = self._card
+        raw = self._booster.predict(self.matrix(frame), num_iteration=card.best_iteration)
+        btyd_p = frame[card.blend_column].to_numpy("float64") if card.blend_column else None
+        return calibrate(
+            blend(raw, btyd_p, card.blend_weight), card.calibration_x, card.calibration_y
+        )
 
     def contributions(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per-feature contributions to the raw log-odds (TreeSHAP), one column per feature."""

@@ -79,13 +79,51 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
     "nps_detractor": lambda r: "a detractor (NPS 0-6)" if r["nps_detractor"] else "no detractor",
     "csat_last": lambda r: f"last satisfaction score {r['csat_last']:.0f} of 5",
     "csat_mean": lambda r: f"average satisfaction score {r['csat_mean']:.1f} of 5",
+    "season_order_share": lambda r: (
+        f"{r['season_order_share'] * 100:.0f}% of their orders fall in the coming season"
+    ),
+    "spend_share_same_window_last_year": lambda r: (
+        f"{r['spend_share_same_window_last_year'] * 100:.0f}% of last year's spend came "
+        "in this season"
+    ),
+    "active_months_365d": lambda r: (
+        f"bought in {_n(r['active_months_365d'])} of the last 12 months"
+    ),
+    "mean_basket_products": lambda r: f"{r['mean_basket_products']:.1f} products per order",
+    "basket_size_trend": lambda r: (
+        f"basket {'smaller' if r['basket_size_trend'] < 1 else 'larger'} by "
+        f"{abs(1 - r['basket_size_trend']) * 100:.0f}% in the last quarter"
+    ),
+    "last_gap_days": lambda r: f"last gap between purchases {_n(r['last_gap_days'])} days",
+    "max_gap_365d": lambda r: (
+        f"longest gap between purchases this year {_n(r['max_gap_365d'])} days"
+    ),
+    "gap_cv": lambda r: f"irregular buyer (gaps vary {r['gap_cv']:.1f}x their usual gap)",
+    "purchase_days_per_month": lambda r: f"buys on {r['purchase_days_per_month']:.1f} days a month",
+    "days_since_return": lambda r: f"last return {_n(r['days_since_return'])} days ago",
+    "mean_units_per_line": lambda r: f"{r['mean_units_per_line']:.1f} units per product bought",
+    "mean_unit_price": lambda r: f"average unit price {_money(r['mean_unit_price'])}",
+    "bgnbd_p_no_purchase": lambda r: (
+        f"{r['bgnbd_p_no_purchase'] * 100:.0f}% chance of no purchase soon by their buying pattern"
+    ),
+    "bgnbd_expected_purchases": lambda r: (
+        f"{r['bgnbd_expected_purchases']:.1f} purchases expected in the coming period"
+    ),
+    "clv_12m": lambda r: f"expected spend in the next 12 months {_money(r['clv_12m'])}",
     "online_order_share": lambda r: f"{r['online_order_share'] * 100:.0f}% of orders online",
 }
 
 WINDOWED = re.compile(r"^(orders|spend)_(\d+)d$")
 ENGAGEMENT = re.compile(r"^([a-z_]+?)_(\d+)d$")  # event family counts: visit_30d, ...
 NO_RHYTHM = "only one purchase day so far, no buying rhythm yet"
-MISSING = {"overdue_ratio": NO_RHYTHM, "gap_mean_days": NO_RHYTHM, "gap_std_days": NO_RHYTHM}
+MISSING = {
+    **dict.fromkeys(
+        ("overdue_ratio", "gap_mean_days", "gap_std_days", "gap_cv", "last_gap_days"), NO_RHYTHM
+    ),
+    "max_gap_365d": "no repeat purchase in the last 12 months",
+    "days_since_return": "no returns so far",
+    "basket_size_trend": "no basket-size trend yet",
+}
 
 
 def phrase(feature: str, row: Row) -> str:
@@ -141,6 +179,21 @@ LABELS = {
     "nps_detractor": "NPS detractor",
     "csat_last": "last satisfaction score",
     "csat_mean": "average satisfaction score",
+    "season_order_share": "share of orders in the coming season",
+    "spend_share_same_window_last_year": "share of last year's spend in this season",
+    "active_months_365d": "active months in the last year",
+    "mean_basket_products": "products per order",
+    "basket_size_trend": "basket size trend",
+    "last_gap_days": "last gap between purchases",
+    "max_gap_365d": "longest gap this year",
+    "gap_cv": "irregular buying (relative)",
+    "purchase_days_per_month": "purchase days per month",
+    "days_since_return": "days since the last return",
+    "mean_units_per_line": "units per product bought",
+    "mean_unit_price": "average unit price",
+    "bgnbd_p_no_purchase": "BG/NBD chance of no purchase",
+    "bgnbd_expected_purchases": "BG/NBD expected purchases",
+    "clv_12m": "expected 12-month value",
     "online_order_share": "share of orders placed online",
 }
 

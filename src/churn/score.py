@@ -6,13 +6,18 @@ Columns of the retention list, in order: see :func:`retention_columns` and the R
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from churn.actions import (
     assign_actions,
@@ -29,7 +34,7 @@ from churn.config import (
     FeatureSettings,
     ScoreSettings,
 )
-from churn.drift import DriftError, drift_report
+from churn.drift import DriftError, bin_counts, drift_report, drift_status, psi_of_counts
 from churn.features import (
     customer_features,
     feature_spec,
@@ -37,8 +42,9 @@ from churn.features import (
     snapshot_frame,
     with_day,
 )
-from churn.io import InputError, connect, write_csv, write_json, write_xlsx
+from churn.io import InputError, atomic_text, connect, write_csv, write_json, write_xlsx
 from churn.model import ChurnModel
+from churn.progress import progress
 from churn.reasons import explain
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ BASE_COLUMNS = (
     "rfm_segment",
     "customer_value",
     "value_band",
+    "clv_12m",
     "value_at_risk",
     "recency_days",
     "frequency",
@@ -125,7 +132,8 @@ def retention_list(
             "rfm_segment": snapshot["rfm_segment"].to_numpy(),
             "customer_value": value,
             "value_band": value_bands(value, actions.value_bands),
-            "value_at_risk": probability * value,
+            "clv_12m": snapshot["clv_12m"].to_numpy("float64"),
+            "value_at_risk": probability * snapshot["clv_12m"].to_numpy("float64"),
             "recency_days": snapshot["recency_days"].to_numpy(),
             "frequency": snapshot["frequency"].to_numpy(),
             "monetary": snapshot["monetary"].to_numpy(dtype="float64"),
@@ -148,6 +156,7 @@ def for_marketers(table: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
     out["churn_probability"] = out["churn_probability"].round(4)
     for money in (
         "customer_value",
+        "clv_12m",
         "value_at_risk",
         "monetary",
         "action_cost",
@@ -224,16 +233,7 @@ def run(
     )
     probability = model.predict_proba(snapshot)
     report = population_drift(snapshot, probability, model, drift)
-    write_json(report, job.drift_report)
-    failing = [k for k, v in report["columns"].items() if v["status"] == "fail"]
-    if failing and not job.allow_drift:
-        raise DriftError(
-            f"population drift above drift.fail_psi={drift.fail_psi} in {failing} "
-            f"(see {job.drift_report}); investigate the input or pass --allow-drift"
-        )
-    moved = {k: v["psi"] for k, v in report["columns"].items() if v["status"] != "ok"}
-    if moved:
-        log.warning("drift above drift.warn_psi=%s: %s", drift.warn_psi, moved)
+    _check_drift(report, drift, job)
     as_of = snapshot["cutoff"].iloc[0]
     table = retention_list(
         snapshot,
@@ -262,6 +262,20 @@ def run(
     )
 
 
+def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) -> None:
+    """Write the drift report; stop above ``drift.fail_psi`` unless allowed, else warn."""
+    write_json(report, job.drift_report)
+    failing = [k for k, v in report["columns"].items() if v["status"] == "fail"]
+    if failing and not job.allow_drift:
+        raise DriftError(
+            f"population drift above drift.fail_psi={drift.fail_psi} in {failing} "
+            f"(see {job.drift_report}); investigate the input or pass --allow-drift"
+        )
+    moved = {k: v["psi"] for k, v in report["columns"].items() if v["status"] != "ok"}
+    if moved:
+        log.warning("drift above drift.warn_psi=%s: %s", drift.warn_psi, moved)
+
+
 def population_drift(
     snapshot: pd.DataFrame, probability: np.ndarray, model: ChurnModel, drift: DriftSettings
 ) -> dict[str, Any]:
@@ -276,3 +290,230 @@ def population_drift(
         exempt=drift.exempt,
     )
     return {"as_of": str(snapshot["cutoff"].iloc[0]), **report}
+
+
+# --------------------------------------------------------------------------- streamed scoring
+# The snapshot is read twice in batches of ``score.chunk_rows``. The first pass keeps only
+# what ranking, value bands, actions and the budget need per customer (a few numbers and
+# labels) and the drift bin counts; the second explains each batch and spills its finished
+# rows with their rank to Parquet, which DuckDB reads back in rank order into the CSV. Peak
+# memory is that small per-customer table plus one batch, not the snapshot.
+
+KEY_COLUMNS = ("customer_id", "cutoff", "rfm_segment", "return_rate", "spend_365d", "clv_12m")
+
+
+@dataclass
+class _Population:
+    """Per-customer figures of the first pass, in file order, and drift bin counts."""
+
+    key: pd.DataFrame
+    counts: dict[str, np.ndarray]
+    as_of: date
+
+
+def _batches(file: pq.ParquetFile, columns: list[str], rows: int) -> Iterator[pd.DataFrame]:
+    for batch in file.iter_batches(batch_size=rows, columns=columns):
+        yield batch.to_pandas()
+
+
+def _first_pass(file: pq.ParquetFile, model: ChurnModel, settings: ScoreSettings) -> _Population:
+    columns = list(dict.fromkeys([*KEY_COLUMNS, *model.feature_names]))
+    counts = {n: np.zeros(len(r["edges"]) + 2, "int64") for n, r in model.reference.items()}
+    parts = []
+    with progress("score: customers predicted", file.metadata.num_rows) as advance:
+        for frame in _batches(file, columns, settings.chunk_rows):
+            parts.append(_predict_batch(frame, model, counts))
+            as_of = frame["cutoff"].iloc[0]
+            advance(len(frame))
+    return _Population(pd.concat(parts, ignore_index=True), counts, as_of)
+
+
+def _predict_batch(
+    frame: pd.DataFrame, model: ChurnModel, counts: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    """Probability, value and segment of one batch; its drift bin counts added to ``counts``."""
+    references = model.reference
+    probability = model.predict_proba(frame)
+    for name in model.feature_names:
+        counts[name] += bin_counts(references[name], frame[name].to_numpy("float64"))
+    counts["churn_probability"] += bin_counts(references["churn_probability"], probability)
+    return pd.DataFrame(
+        {
+            "customer_id": frame["customer_id"].to_numpy(),
+            "churn_probability": probability,
+            "rfm_segment": frame["rfm_segment"].to_numpy(),
+            "customer_value": customer_value(frame),
+            "clv_12m": frame["clv_12m"].to_numpy("float64"),
+        }
+    )
+
+
+def _ranked(
+    key: pd.DataFrame, settings: ScoreSettings, actions: ActionSettings, budget: float
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Tier, decile, value band, action and selection of every customer, riskiest first
+    (the order :func:`retention_list` gives); column ``row`` is the position in the file."""
+    probability = key["churn_probability"].to_numpy()
+    value = key["customer_value"].to_numpy()
+    table = key.assign(
+        row=np.arange(len(key)),
+        risk_decile=risk_deciles(probability),
+        risk_tier=risk_tiers(probability, settings.risk_tiers),
+        value_band=value_bands(value, actions.value_bands),
+        value_at_risk=probability * key["clv_12m"].to_numpy(),
+    )
+    table["action"] = assign_actions(table, actions)
+    table = expected_value_saved(table, actions)
+    table = table.sort_values(
+        ["risk_decile", "churn_probability", "customer_id"],
+        ascending=[True, False, True],
+        kind="stable",
+    ).reset_index(drop=True)
+    table["selected"] = select_by_value(table, budget)
+    return table, select_top_probability(table, budget)
+
+
+def _write_ranked_parts(
+    file: pq.ParquetFile,
+    model: ChurnModel,
+    table: pd.DataFrame,
+    folder: Path,
+    *,
+    settings: ScoreSettings,
+    model_version: str,
+    as_of: date,
+) -> None:
+    """Second pass: each batch explained and finished into marketer rows with their rank."""
+    by_row = table.sort_values("row")
+    rank = by_row.index.to_numpy()
+    columns = list(
+        dict.fromkeys([*KEY_COLUMNS, "recency_days", "frequency", "monetary", *model.feature_names])
+    )
+    start = 0
+    with progress("score: customers explained", file.metadata.num_rows) as advance:
+        for part, frame in enumerate(_batches(file, columns, settings.chunk_rows)):
+            stop = start + len(frame)
+            out = _finished_rows(
+                frame,
+                by_row.iloc[start:stop].reset_index(drop=True),
+                model,
+                settings,
+                model_version=model_version,
+                as_of=as_of,
+            )
+            out["_rank"] = rank[start:stop]
+            table_part = pa.Table.from_pandas(out, preserve_index=False)
+            pq.write_table(table_part, folder / f"{part:06d}.parquet")
+            advance(len(frame))
+            start = stop
+
+
+def _finished_rows(
+    frame: pd.DataFrame,
+    rows: pd.DataFrame,
+    model: ChurnModel,
+    settings: ScoreSettings,
+    *,
+    model_version: str,
+    as_of: date,
+) -> pd.DataFrame:
+    """Marketer rows of one batch (``rows``: its customers' ranked figures, same order)."""
+    out = pd.DataFrame(
+        {
+            "customer_id": frame["customer_id"].to_numpy(),
+            "as_of": as_of.isoformat(),
+            "churn_probability": rows["churn_probability"].to_numpy(),
+            "risk_decile": rows["risk_decile"].to_numpy(),
+            "risk_tier": rows["risk_tier"].to_numpy(),
+            "rfm_segment": frame["rfm_segment"].to_numpy(),
+            "customer_value": rows["customer_value"].to_numpy(),
+            "value_band": rows["value_band"].to_numpy(),
+            "clv_12m": rows["clv_12m"].to_numpy(),
+            "value_at_risk": rows["value_at_risk"].to_numpy(),
+            "recency_days": frame["recency_days"].to_numpy(),
+            "frequency": frame["frequency"].to_numpy(),
+            "monetary": frame["monetary"].to_numpy(dtype="float64"),
+            "model_version": model_version,
+        }
+    )
+    reasons = explain(model.contributions(frame), frame, n=settings.n_reasons)
+    out = out.join(reasons.reset_index(drop=True))
+    for column in ("action", "action_cost", "expected_value_saved", "selected"):
+        out[column] = rows[column].to_numpy()
+    return for_marketers(out, settings.n_reasons)
+
+
+def _write_in_rank_order(folder: Path, target: Path, chunk_rows: int) -> None:
+    """The spilled rows, in rank order, as the CSV (``utf-8-sig``), ``chunk_rows`` at a time."""
+    con = duckdb.connect()
+    con.execute(f"SET temp_directory = '{folder / 'sort'}'")
+    query = f"SELECT * EXCLUDE (_rank) FROM read_parquet('{folder}/*.parquet') ORDER BY _rank"
+    result = con.execute(query)
+    # to_arrow_reader replaces fetch_record_batch (deprecated) in newer DuckDB releases.
+    batches = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
+    reader = batches(chunk_rows)
+    with atomic_text(target, encoding="utf-8-sig") as stream:
+        header = True
+        for batch in reader:
+            batch.to_pandas().to_csv(stream, index=False, header=header)
+            header = False
+
+
+def run_streamed(
+    snapshot: Path,
+    spec: dict[str, Any],
+    model: ChurnModel,
+    job: ScoreJob,
+    *,
+    settings: ScoreSettings,
+    drift: DriftSettings,
+    actions: ActionSettings,
+    campaign: CampaignSettings,
+) -> ScoreSummary:
+    """:func:`run` on a snapshot Parquet file read in batches of ``settings.chunk_rows``:
+    the same retention list, drift and campaign reports, in memory that grows with a few
+    numbers per customer rather than with the snapshot. Raises as :func:`run` does."""
+    file = pq.ParquetFile(snapshot)
+    if file.metadata.num_rows == 0:
+        raise InputError("no customer is active at the as-of date: nothing to score")
+    model.check_contract(
+        feature_hash=spec["feature_hash"],
+        horizon_days=spec["horizon_days"],
+        columns=file.schema_arrow.names,
+    )
+    population = _first_pass(file, model, settings)
+    as_of = population.as_of
+    psis = {name: psi_of_counts(model.reference[name], c) for name, c in population.counts.items()}
+    report = {
+        "as_of": str(as_of),
+        **drift_status(psis, warn_psi=drift.warn_psi, fail_psi=drift.fail_psi, exempt=drift.exempt),
+    }
+    _check_drift(report, drift, job)
+    table, naive = _ranked(population.key, settings, actions, campaign.budget)
+    summary = campaign_summary(table, table["selected"].to_numpy(), naive, campaign.budget)
+    write_json(summary, job.campaign_report)
+    log.info("writing %d rows to %s", len(table), job.out)
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".score-", dir=job.out.parent) as tmp:
+        _write_ranked_parts(
+            file,
+            model,
+            table,
+            Path(tmp),
+            settings=settings,
+            model_version=job.model_version,
+            as_of=as_of,
+        )
+        _write_in_rank_order(Path(tmp), job.out, settings.chunk_rows)
+    if job.xlsx:
+        write_xlsx(
+            pd.read_csv(job.out, encoding="utf-8-sig", dtype=str, keep_default_na=False),
+            job.out.with_suffix(".xlsx"),
+        )
+    return ScoreSummary(
+        customers=len(table),
+        as_of=as_of.isoformat(),
+        by_tier=table["risk_tier"].value_counts().to_dict(),
+        drift=report["status"],
+        campaign=summary,
+    )

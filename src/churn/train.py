@@ -1,13 +1,19 @@
-"""Train stage: LightGBM on stacked snapshots, early-stopped and calibrated out of time.
+"""Train stage: LightGBM on stacked snapshots, tuned, blended and calibrated out of time.
 
-The newest training snapshot is held out: early stopping and isotonic calibration use it, the
-older snapshots fit the trees. The model is logged to MLflow, registered, given the alias
+The newest training snapshot is held out; the older snapshots fit the trees. On the held-out
+one, in this order: early stopping; an optional Optuna search over the LightGBM parameters
+(``train.n_trials``); the choice of a blend with the BTYD churn probability (the booster
+alone, or a weighted mean with BG/NBD's P(no purchase), whichever ranks best: on small data
+the BTYD score carries the model); isotonic calibration of the blended score. The
+model is logged to MLflow with every trial as a nested run, registered, given the alias
 ``challenger``, and saved under ``models/`` for the downstream stages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +22,35 @@ from typing import Any
 import lightgbm as lgb
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 from mlflow.models import infer_signature
 from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import roc_auc_score
 
 from churn import ChurnError
 from churn.config import MlflowSettings, Paths, TrainSettings
 from churn.drift import profile
 from churn.features import ID_COLUMNS, LABEL
 from churn.io import write_json
-from churn.model import ChurnModel, ModelCard, calibrate, write_artifacts
+from churn.model import ChurnModel, ModelCard, blend, calibrate, write_artifacts
+from churn.progress import progress
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
+BLEND_COLUMNS = ("bgnbd_p_no_purchase",)
+BLEND_WEIGHTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)  # on the booster
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """The chosen score: ``weight`` on the booster, the rest on ``column`` (None: booster)."""
+
+    column: str | None
+    weight: float
+    validation_auc: dict[str, float]  # of every candidate, e.g. "bgnbd_p_no_purchase@0.3"
+    standard_error: float  # bootstrap SE of the best candidate's AUC gain over the BTYD score
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,33 @@ def split_by_cutoff(snapshots: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
         )
     newest = snapshots["cutoff"] == cutoffs[-1]
     return snapshots[~newest], snapshots[newest]
+
+
+def stratified_sample(snapshots: pd.DataFrame, max_rows: int, *, seed: int) -> pd.DataFrame:
+    """At most ``max_rows`` rows, drawn without replacement within each (cutoff, label)
+    stratum in proportion to its size; rows keep their order. All rows when they fit.
+
+    Each stratum gets ``floor(size * max_rows / total)`` rows and the rows left over go to
+    the largest remainders (ties: the earlier stratum), so the shares of cutoffs and labels
+    stay as close to the full table's as whole rows allow.
+
+    >>> frame = pd.DataFrame({"cutoff": [1] * 6 + [2] * 4, "churned": [0, 0, 0, 0, 1, 1] * 1
+    ...                       + [0, 1, 1, 1]})
+    >>> stratified_sample(frame, 5, seed=0).groupby(["cutoff", "churned"]).size().tolist()
+    [2, 1, 1, 1]
+    """
+    if len(snapshots) <= max_rows:
+        return snapshots
+    strata = snapshots.groupby(["cutoff", LABEL], sort=True).indices
+    sizes = np.array([len(rows) for rows in strata.values()])
+    share = sizes * max_rows / sizes.sum()
+    quota = np.floor(share).astype("int64")
+    leftover = max_rows - int(quota.sum())
+    quota[np.argsort(-(share - quota), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(seed)
+    drawn = zip(strata.values(), quota, strict=True)
+    keep = [rng.choice(rows, size=n, replace=False) for rows, n in drawn]
+    return snapshots.iloc[np.sort(np.concatenate(keep))]
 
 
 def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
@@ -96,13 +146,93 @@ def fit_booster(
     valid_set = lgb.Dataset(
         valid[features].astype("float64"), label=valid[LABEL], reference=train_set
     )
-    return lgb.train(
-        lgb_params(settings, seed),
-        train_set,
-        num_boost_round=settings.max_rounds,
-        valid_sets=[valid_set],
-        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
+    with progress("train: trees", settings.max_rounds) as advance:
+        return lgb.train(
+            lgb_params(settings, seed),
+            train_set,
+            num_boost_round=settings.max_rounds,
+            valid_sets=[valid_set],
+            callbacks=[
+                lgb.early_stopping(settings.early_stopping_rounds, verbose=False),
+                lambda env: advance(1),
+            ],
+        )
+
+
+def tune(
+    fit: pd.DataFrame,
+    valid: pd.DataFrame,
+    features: list[str],
+    settings: TrainSettings,
+    *,
+    seed: int,
+) -> tuple[TrainSettings, list[dict[str, Any]]]:
+    """Search LightGBM parameters for the best validation AUC in ``settings.n_trials`` Optuna
+    trials, the first being the parameters as given; return the best settings and every trial.
+    """
+
+    def objective(trial: optuna.Trial) -> float:
+        candidate = dataclasses.replace(
+            settings,
+            learning_rate=trial.suggest_float("learning_rate", 0.01, 0.1, log=True),
+            num_leaves=trial.suggest_int("num_leaves", 4, 63, log=True),
+            min_child_samples=trial.suggest_int("min_child_samples", 10, 200, log=True),
+            feature_fraction=trial.suggest_float("feature_fraction", 0.5, 1.0),
+            lambda_l2=trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
+        )
+        booster = fit_booster(fit, valid, features, candidate, seed=seed)
+        trial.set_user_attr("best_iteration", int(booster.best_iteration))
+        return float(booster.best_score["valid_0"]["auc"])
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial(
+        {
+            name: getattr(settings, name)
+            for name in ("learning_rate", "num_leaves", "min_child_samples")
+        }
+        | {"feature_fraction": settings.feature_fraction, "lambda_l2": settings.lambda_l2}
     )
+    study.optimize(objective, n_trials=settings.n_trials)
+    trials = [
+        {"number": t.number, "validation_auc": t.value, **t.params, **t.user_attrs}
+        for t in study.trials
+    ]
+    return dataclasses.replace(settings, **study.best_params), trials
+
+
+def choose_blend(booster_p: np.ndarray, valid: pd.DataFrame, *, seed: int) -> Blend:
+    """The blend of the booster's probability with a BTYD churn probability to score with.
+
+    Candidates run from the BTYD score alone (weight 0 on the booster, nothing learned) to
+    the booster alone. The booster's validation AUC is optimistic (early stopping and tuning
+    looked at these customers), so the one-standard-error rule picks the candidate with the
+    most BTYD weight whose AUC is within one bootstrap standard error of the best (200
+    resamples of the validation customers, of the best's AUC gain over the BTYD score).
+    """
+    y = valid[LABEL].to_numpy()
+    candidates: list[tuple[str | None, float, np.ndarray]] = []
+    for column in BLEND_COLUMNS:
+        if column in valid and valid[column].notna().all():
+            btyd_p = valid[column].to_numpy("float64")
+            candidates += [(column, w, blend(booster_p, btyd_p, w)) for w in BLEND_WEIGHTS[::-1]]
+    candidates.append((None, 1.0, booster_p))
+    aucs = [float(roc_auc_score(y, p)) for _, _, p in candidates]
+    names = [f"{c}@{w}" if c else "booster" for c, w, _ in candidates]
+    best = int(np.argmax(aucs))
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(200):
+        rows = rng.integers(0, len(y), len(y))
+        if 0 < y[rows].mean() < 1:
+            gaps.append(
+                roc_auc_score(y[rows], candidates[best][2][rows])
+                - roc_auc_score(y[rows], candidates[0][2][rows])
+            )
+    standard_error = float(np.std(gaps)) if gaps else 0.0
+    chosen = next(i for i, auc in enumerate(aucs) if auc >= aucs[best] - standard_error)
+    column, weight, _ = candidates[chosen]
+    return Blend(column, weight, dict(zip(names, aucs, strict=True)), standard_error)
 
 
 def fit_calibration(y_raw: np.ndarray, y_true: np.ndarray) -> tuple[list[float], list[float]]:
@@ -112,6 +242,18 @@ def fit_calibration(y_raw: np.ndarray, y_true: np.ndarray) -> tuple[list[float],
     return iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist()
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """What :func:`build_model` produced: the model parts, and how they were chosen."""
+
+    booster: lgb.Booster
+    card: ModelCard
+    valid: pd.DataFrame
+    settings: TrainSettings  # after tuning
+    blend: Blend
+    trials: list[dict[str, Any]]
+
+
 def build_model(
     snapshots: pd.DataFrame,
     settings: TrainSettings,
@@ -119,15 +261,23 @@ def build_model(
     *,
     seed: int,
     drift_bins: int = 10,
-) -> tuple[lgb.Booster, ModelCard, pd.DataFrame]:
-    """Fit booster and calibration; return them with the validation snapshot.
+) -> Fitted:
+    """Tune, fit, blend and calibrate on the stacked snapshots.
 
     ``spec`` is the features stage's ``spec.json``: horizon and feature-definition hash.
     """
     fit, valid = split_by_cutoff(snapshots)
     features = feature_columns(snapshots)
+    trials: list[dict[str, Any]] = []
+    if settings.n_trials:
+        settings, trials = tune(fit, valid, features, settings, seed=seed)
     booster = fit_booster(fit, valid, features, settings, seed=seed)
-    raw = booster.predict(valid[features].astype("float64"), num_iteration=booster.best_iteration)
+    booster_p = booster.predict(
+        valid[features].astype("float64"), num_iteration=booster.best_iteration
+    )
+    chosen = choose_blend(booster_p, valid, seed=seed)
+    btyd_p = valid[chosen.column].to_numpy("float64") if chosen.column else None
+    raw = blend(booster_p, btyd_p, chosen.weight)
     cal_x, cal_y = fit_calibration(raw, valid[LABEL].to_numpy())
     reference = {f: profile(valid[f].to_numpy("float64"), bins=drift_bins) for f in features}
     reference["churn_probability"] = profile(calibrate(raw, cal_x, cal_y), bins=drift_bins)
@@ -141,8 +291,10 @@ def build_model(
         calibration_x=cal_x,
         calibration_y=cal_y,
         reference=reference,
+        blend_column=chosen.column,
+        blend_weight=chosen.weight,
     )
-    return booster, card, valid
+    return Fitted(booster, card, valid, settings, chosen, trials)
 
 
 def run(
@@ -156,7 +308,15 @@ def run(
     """Train, log and register the model; save it under ``paths.model``."""
     snapshots = pd.read_parquet(paths.features / "train.parquet")
     spec = json.loads((paths.features / "spec.json").read_text())
-    booster, card, valid = build_model(snapshots, settings, spec, seed=seed, drift_bins=drift_bins)
+    used = stratified_sample(snapshots, settings.max_rows, seed=seed)
+    if len(used) < len(snapshots):
+        log.info(
+            "training on %d of %d snapshot rows (train.max_rows), stratified by cutoff and label",
+            len(used),
+            len(snapshots),
+        )
+    fitted = build_model(used, settings, spec, seed=seed, drift_bins=drift_bins)
+    booster, card, valid = fitted.booster, fitted.card, fitted.valid
     staging = paths.model.parent / f".{paths.model.name}.artifacts"
     artifacts = write_artifacts(booster, card, staging)
     example = valid[card.features].head(5).astype("float64")
@@ -165,15 +325,41 @@ def run(
     with mlflow.start_run() as active:
         mlflow.log_params(
             {
-                **lgb_params(settings, seed),
+                **lgb_params(fitted.settings, seed),
                 "horizon_days": card.horizon_days,
                 "feature_hash": card.feature_hash,
                 "n_features": len(card.features),
-                "train_rows": len(snapshots),
+                "train_rows": len(used),
+                "train_rows_total": len(snapshots),
+                "train_rows_used": len(used),
+                "train_max_rows": settings.max_rows,
+                "train_sampled": len(used) < len(snapshots),
                 "train_cutoffs": ",".join(card.train_cutoffs),
                 "validation_cutoff": card.validation_cutoff,
+                "n_trials": settings.n_trials,
+                "blend_column": card.blend_column or "none",
+                "blend_weight": card.blend_weight,
+                "blend_standard_error": fitted.blend.standard_error,
             }
         )
+        mlflow.set_tag("train_sampled", str(len(used) < len(snapshots)).lower())
+        chosen = fitted.blend
+        log.info(
+            "train: score = %.1f x booster + %.1f x %s (validation AUC: %s; booster alone %.4f, "
+            "best %.4f, one standard error %.4f)",
+            card.blend_weight,
+            1 - card.blend_weight,
+            card.blend_column or "nothing",
+            f"{chosen.validation_auc[f'{card.blend_column}@{card.blend_weight}']:.4f}"
+            if card.blend_column
+            else f"{chosen.validation_auc['booster']:.4f}",
+            chosen.validation_auc["booster"],
+            max(chosen.validation_auc.values()),
+            chosen.standard_error,
+        )
+        _log_trials(fitted.trials)
+        mlflow.log_dict(fitted.blend.validation_auc, "blend_validation_auc.json")
+        mlflow.log_dict(spec.get("btyd_fits", {}), "btyd_fits.json")
         validation_auc = float(booster.best_score["valid_0"]["auc"])
         mlflow.log_metrics(
             {"validation_auc": validation_auc, "best_iteration": card.best_iteration}
@@ -232,6 +418,14 @@ def use_experiment(tracking: MlflowSettings) -> None:
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
         mlflow.create_experiment(tracking.experiment, artifact_location=location)
     mlflow.set_experiment(tracking.experiment)
+
+
+def _log_trials(trials: list[dict[str, Any]]) -> None:
+    """Each Optuna trial as a nested run of the active run."""
+    for trial in trials:
+        with mlflow.start_run(run_name=f"trial-{trial['number']}", nested=True):
+            mlflow.log_params({k: v for k, v in trial.items() if k != "validation_auc"})
+            mlflow.log_metric("validation_auc", trial["validation_auc"])
 
 
 def _importance(booster: lgb.Booster) -> dict[str, dict[str, float]]:

@@ -1,0 +1,22 @@
+"""Reading exports: the whitespace-separated text layout of the CDNOW files."""
+
+from __future__ import annotations
+
+from churn.io import WHITESPACE, connect, read_table
+
+
+def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
+    export = tmp_path / "cdnow.txt"
+    export.write_bytes(
+        b" customer_id  date number_of_cds  dollar_value\r\n"
+        b" 00001 19970101  1   11.77\r\n"
+        b"\t00002 19970112\t 5   77.00\r\n"
+        b" 00003 19970102\r\n"
+    )
+    table = read_table(connect(), export, "csv", delimiter=WHITESPACE).to_pandas()
+    assert list(table.columns) == ["customer_id", "date", "number_of_cds", "dollar_value"]
+    assert table.fillna("<null>").values.tolist() == [
+        ["00001", "19970101", "1", "11.77"],
+        ["00002", "19970112", "5", "77.00"],
+        ["00003", "19970102", "<null>", "<null>"],  # too few fields: for ingest to reject
+    ]
