@@ -225,3 +225,66 @@ def test_hand_computed_engagement_features(tiny_tx):
     assert b["days_since_engagement"] == 182
     assert np.isnan(b["nps_last"])
     assert np.isnan(b["nps_detractor"])
+
+
+def test_customers_without_events_count_zero_events(tiny_tx):
+    events = pd.DataFrame(
+        {
+            "customer_id": ["A"],
+            "ts": pd.to_datetime(["2021-03-25"]).astype("datetime64[us]"),
+            "event_type": ["visit"],
+            "family": ["visit"],
+            "value": [np.nan],
+        }
+    )
+    con = ibis.duckdb.connect()
+    engagement = Engagement(events=with_day(con.create_table("ev", events)), families=("visit",))
+    table = with_day(con.create_table("tx", tiny_tx))
+    snap, _ = snapshot_frame(customer_features(table, CUTOFF, SETTINGS, engagement), SETTINGS)
+    b = snap.set_index("customer_id").loc["B"]
+    assert (b["visit_30d"], b["visit_90d"]) == (0, 0)
+    assert np.isnan(b["days_since_engagement"])
+    assert snap["visit_30d"].tolist() == [1, 0]  # A, B
+    assert pd.api.types.is_integer_dtype(snap["visit_30d"])  # a model input, not an object
+
+
+CHANNEL_SETTINGS = FeatureSettings(
+    horizon_days=30, windows_days=(30, 90), online_channels=("online", "Web", "app")
+)
+
+
+def _with_channels(frame: pd.DataFrame, by_order: dict[str, str | None]) -> pd.DataFrame:
+    out = frame.copy()
+    out["channel"] = out["order_id"].map(by_order).astype("string")
+    return out
+
+
+def test_online_order_share_counts_past_online_orders(tiny_tx):
+    channels = {"O1": "WEB", "O2": "store", "O3": " app ", "C1": "web", "O4": "web"}
+    frame = _with_channels(tiny_tx, {**channels, "O5": None, "O6": "Online"})
+    snap = _snapshot_with(frame, CHANNEL_SETTINGS).set_index("customer_id")
+    # A: O1 (web), O2 (store), O3 (app) before the cutoff; the return C1 and the later O4
+    # do not count. B: O5 (no channel, not online), O6 (online).
+    assert snap["online_order_share"].to_dict() == {"A": 2 / 3, "B": 0.5}
+
+
+def test_an_order_is_online_when_any_line_is(tiny_tx):
+    frame = _with_channels(tiny_tx, {})
+    frame.loc[(frame["order_id"] == "O1") & (frame["product_id"] == "P2"), "channel"] = "web"
+    snap = _snapshot_with(frame, CHANNEL_SETTINGS).set_index("customer_id")
+    assert snap.loc["A", "online_order_share"] == 1 / 3
+    assert snap.loc["B", "online_order_share"] == 0.0
+
+
+def test_no_channel_column_no_channel_feature(tiny_tx, make_settings):
+    assert "online_order_share" not in _snapshot_with(tiny_tx, SETTINGS).columns
+    without = make_settings()  # the project's params: channel: null
+    assert without.features.online_channels == ()
+    mapped = make_settings(data={"transactions": {"columns": {"channel": "Channel"}}})
+    assert mapped.features.online_channels == ("online", "web", "app")
+
+
+def _snapshot_with(frame: pd.DataFrame, settings: FeatureSettings) -> pd.DataFrame:
+    con = ibis.duckdb.connect()
+    table = with_day(con.create_table("tx", frame))
+    return customer_features(table, CUTOFF, settings).to_pandas()

@@ -265,3 +265,153 @@ def test_without_events_an_empty_events_table_is_written(messy_settings):
     assert list(events.columns) == ["customer_id", "ts", "event_type", "family", "value"]
     report = json.loads(messy_settings.paths.ingest_report.read_text())
     assert "events" not in report
+
+
+# --- currency -----------------------------------------------------------------------------
+
+CURRENCIES = """Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Currency
+1,A,2021-01-01 10:00,2,10.0,P1,GBP
+2,A,2021-01-02 10:00,1,50.0,P2,eur
+3,B,2021-01-03 10:00,3,5.0,P1, EUR
+C4,B,2021-01-04 10:00,-1,5.0,P1,EUR
+5,B,2021-01-05 10:00,1,8.0,P3,USD
+6,C,2021-01-06 10:00,1,8.0,P3,USD
+7,C,2021-01-07 10:00,4,2.5,P3,
+8,C,2021-01-08 10:00,2,100,P4,JPY
+"""
+
+
+@pytest.fixture
+def currency_settings(tmp_path: Path, make_settings):
+    export = tmp_path / "currencies.csv"
+    export.write_text(CURRENCIES)
+    return make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "columns": {"currency": "Currency"},
+                "reporting_currency": "GBP",
+                "currency_rates": {"EUR": 0.86, "JPY": 0.0052},
+            }
+        }
+    )
+
+
+def test_amounts_are_converted_to_the_reporting_currency(currency_settings):
+    summary = ingest.run(currency_settings.data, currency_settings.paths)
+    kept = pd.read_parquet(currency_settings.paths.transactions).set_index("order_id")
+    # 2 x 10 GBP; 50 EUR x 0.86; 3 x 5 EUR x 0.86; a return of 5 EUR; 2 x 100 JPY x 0.0052
+    expected = {"1": 20.0, "2": 43.0, "3": 12.9, "C4": -4.3, "8": 1.04}
+    assert kept["amount"].round(6).to_dict() == expected
+    assert summary.rejected_by_reason == {
+        "missing_customer_id": 0,
+        "unparseable_ts": 0,
+        "non_finite_amount": 0,
+        "missing_currency": 1,
+        "unknown_currency": 2,
+    }
+
+
+def test_unknown_currencies_are_rejected_by_name_and_reconcile(currency_settings):
+    ingest.run(currency_settings.data, currency_settings.paths)
+    rejects = pd.read_parquet(currency_settings.paths.rejects).set_index("source_order_id")
+    assert rejects["reason"].to_dict() == {
+        "5": "unknown_currency",
+        "6": "unknown_currency",
+        "7": "missing_currency",
+    }
+    assert rejects.loc["5", "source_currency"] == "USD"
+    report = json.loads(currency_settings.paths.ingest_report.read_text())
+    assert report["reconciles"] is True
+    assert (report["rows_read"], report["rows_kept"], report["rows_rejected"]) == (8, 5, 3)
+    assert report["currency"] == {
+        "reporting_currency": "GBP",
+        "rates": {"GBP": 1.0, "EUR": 0.86, "JPY": 0.0052},
+        "kept_by_currency": {
+            "EUR": {"lines": 3, "amount": 51.6},  # 43.0 + 12.9 - 4.3
+            "GBP": {"lines": 1, "amount": 20.0},
+            "JPY": {"lines": 1, "amount": 1.04},
+        },
+        "rejected_unknown_currencies": {"USD": 2},
+    }
+
+
+def test_without_a_currency_column_nothing_is_converted(messy_settings):
+    ingest.run(messy_settings.data, messy_settings.paths)
+    report = json.loads(messy_settings.paths.ingest_report.read_text())
+    assert "currency" not in report
+    assert "unknown_currency" not in report["rejected_by_reason"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"columns": {"currency": "Currency"}, "reporting_currency": None},
+            r"reporting_currency must name",
+        ),
+        ({"currency_rates": {"EUR": 0}}, r"currency_rates must be > 0, got \{'EUR': 0.0\}"),
+        (
+            {"reporting_currency": "GBP", "currency_rates": {"gbp": 1.2}},
+            r"reporting currency GBP the rate 1.2; it must be 1",
+        ),
+    ],
+    ids=["no-reporting-currency", "zero-rate", "reporting-rate-not-one"],
+)
+def test_currency_params_are_checked(make_settings, overrides, message):
+    with pytest.raises(ChurnError, match=message):
+        make_settings(data={"transactions": overrides})
+
+
+# --- returns matched to orders ------------------------------------------------------------
+
+RETURNS = """Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode
+1,A,2021-01-01 10:00,2,10.0,P1
+2,A,2021-01-05 10:00,1,10.0,P1
+3,A,2021-01-06 10:00,1,4.0,P2
+C10,A,2021-01-07 10:00,-1,10.0,P1
+C11,A,2021-01-02 10:00,-1,10.0,P1
+C12,A,2021-01-07 10:00,-1,4.0,P3
+4,B,2021-01-08 10:00,1,4.0,P3
+C13,B,2021-01-07 10:00,-1,4.0,P3
+C14,B,2021-01-09 10:00,-1,4.0,P1
+5,B,2021-01-10 10:00,1,4.0,P1
+"""
+
+
+def _returns_settings(tmp_path: Path, make_settings, **columns):
+    export = tmp_path / "returns.csv"
+    export.write_text(RETURNS)
+    return make_settings(data={"transactions": {"path": str(export), "columns": columns}})
+
+
+def test_returns_are_matched_to_the_latest_earlier_purchase(tmp_path, make_settings):
+    settings = _returns_settings(tmp_path, make_settings)
+    ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions).set_index("order_id")
+    matched = {k: None if pd.isna(v) else v for k, v in kept["matched_order_id"].items()}
+    assert matched == {
+        "1": None,
+        "2": None,
+        "3": None,
+        "4": None,
+        "5": None,
+        "C10": "2",  # A bought P1 in orders 1 and 2; 2 is the latest before the return
+        "C11": "1",  # only order 1 came before this one
+        "C12": None,  # A never bought P3
+        "C13": None,  # B bought P3 only after returning it
+        "C14": None,  # B's P1 purchase comes later; A's purchases are not B's
+    }
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["returns"] == {"lines": 5, "matched": 2, "unmatched": 3}
+    assert report["reconciles"] is True
+
+
+def test_without_order_ids_no_return_is_matched(tmp_path, make_settings):
+    settings = _returns_settings(tmp_path, make_settings, order_id=None)
+    ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert kept["matched_order_id"].isna().all()
+    assert kept["is_return"].sum() == 5  # negative quantities
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["returns"] == {"lines": 5, "matched": 0, "unmatched": 5}

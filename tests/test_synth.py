@@ -3,6 +3,7 @@ returns that point at real purchases, scaling, the churn signal it promises, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -287,3 +288,65 @@ def test_write_produces_readable_parquet(tmp_path: Path):
     ), "temporary files left behind"
     for name, path in paths.items():
         pd.testing.assert_frame_equal(pd.read_parquet(path), getattr(data, name))
+
+
+# --- command line -------------------------------------------------------------------------
+
+SYNTH_COLUMNS = {
+    **{c: c for c in TRANSACTION_COLUMNS},
+    "amount": None,
+    "channel": None,
+}
+
+
+def test_synth_command_writes_files_the_pipeline_ingests(tmp_path: Path, make_settings):
+    from typer.testing import CliRunner
+
+    from churn import ingest
+    from churn.cli import app
+
+    out = tmp_path / "synth"
+    args = ["synth", "--customers", "150", "--months", "8", "--seed", "5", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    expected = generate(SynthSpec(n_customers=150, months=8, seed=5))
+    for name in ("transactions", "events", "truth"):
+        frame = pd.read_parquet(out / f"{name}.parquet")
+        pd.testing.assert_frame_equal(frame, getattr(expected, name))
+        assert f"{out / name}.parquet: {len(frame)} rows" in result.output
+    churned = int(expected.truth["churn_ts"].notna().sum())
+    assert f"150 customers, {churned} churned before the window ended" in result.output
+
+    settings = make_settings(
+        data={
+            "transactions": {"path": str(out / "transactions.parquet"), "columns": SYNTH_COLUMNS},
+            "events": {"path": str(out / "events.parquet")},
+        }
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rows_read == len(expected.transactions)
+    assert summary.rows_rejected == 0
+    assert summary.customers == expected.transactions["customer_id"].nunique()
+    events = pd.read_parquet(settings.paths.events)
+    assert len(events) == len(expected.events)
+    assert set(events["family"]) <= {*settings.data.events.families}  # no "other"
+    # Two lines of one order with the same product and quantity are exact duplicates,
+    # which ingest removes and counts.
+    assert summary.duplicates_removed == expected.transactions.duplicated().sum()
+    lines = pd.read_parquet(settings.paths.transactions)
+    n_returns = int((expected.transactions["quantity"] < 0).sum())
+    assert lines["is_return"].sum() == n_returns
+    # Every synthetic return follows a purchase of the same product by the same customer.
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["returns"] == {"lines": n_returns, "matched": n_returns, "unmatched": 0}
+
+
+def test_synth_command_rejects_a_bad_size(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from churn.cli import app
+
+    result = CliRunner().invoke(app, ["synth", "--customers", "0", "--out", str(tmp_path)])
+    assert isinstance(result.exception, SynthSpecError)
+    assert "n_customers: 0 is out of range" in str(result.exception)
+    assert not any(tmp_path.iterdir())

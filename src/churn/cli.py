@@ -304,6 +304,35 @@ def rollback() -> None:
     log.info("champion: rolled back to version %s", version)
 
 
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder for the Parquet files (created if missing).")],
+    customers: Annotated[int, typer.Option(help="Customers signing up over the window.")] = 1000,
+    months: Annotated[int, typer.Option(help="Window length in months.")] = 24,
+    seed: Annotated[int, typer.Option(help="Random seed; equal options give equal data.")] = 0,
+    start: Annotated[str, typer.Option(help="First day of the window, YYYY-MM-DD.")] = "2022-01-01",
+) -> None:
+    """Write synthetic transactions, events and true churn times (truth) to OUT.
+
+    The files are ``transactions.parquet``, ``events.parquet`` and ``truth.parquet``, with the
+    canonical column names: point ``data.transactions.path`` and ``data.events.path`` at the
+    first two.
+    """
+    from churn import synth as generator
+
+    try:
+        first = date.fromisoformat(start)
+    except ValueError:
+        raise ChurnError(f"--start: expected a date YYYY-MM-DD, got {start!r}") from None
+    spec = generator.SynthSpec(n_customers=customers, months=months, seed=seed, start=first)
+    data = generator.generate(spec)
+    paths = generator.write(data, out)
+    churned = int(data.truth["churn_ts"].notna().sum())
+    for name, path in paths.items():
+        typer.echo(f"{path}: {len(getattr(data, name))} rows")
+    typer.echo(f"{customers} customers, {churned} churned before the window ended")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Benchmark the pipeline on synthetic data (1M and 10M rows) into reports/bench.json.

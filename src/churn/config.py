@@ -28,6 +28,7 @@ CANONICAL_COLUMNS = (
     "unit_price",
     "product_id",
     "channel",
+    "currency",
 )
 EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
@@ -77,6 +78,16 @@ class TransactionSource:
     csv_encoding: str = "utf-8"
     return_order_prefix: str | None = "C"
     timezone: str = "UTC"
+    reporting_currency: str | None = None
+    currency_rates: dict[str, float] = field(default_factory=dict)  # to the reporting currency
+
+    def conversion_rates(self) -> dict[str, float]:
+        """Reporting-currency units per unit of each currency code (upper case), itself
+        included at 1; empty when the export has no currency column."""
+        if not self.columns.get("currency"):
+            return {}
+        rates = {code.strip().upper(): rate for code, rate in self.currency_rates.items()}
+        return {str(self.reporting_currency).strip().upper(): 1.0, **rates}
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ class FeatureSettings:
     windows_days: tuple[int, ...] = (30, 90, 180, 365)
     btyd_fit_customers: int = 200_000
     annual_discount_rate: float = 0.1
+    # Channel values (any case) that count as online; left empty without a channel column.
+    online_channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -308,8 +321,14 @@ def _resolve_paths(settings: Settings, root: Path) -> Settings:
         data.transactions, path=tuple(root / p for p in data.transactions.path)
     )
     events = dataclasses.replace(data.events, path=tuple(root / p for p in data.events.path))
+    features = settings.features
+    if not transactions.columns.get("channel"):  # no channel, no channel mix
+        features = dataclasses.replace(features, online_channels=())
     return dataclasses.replace(
-        settings, paths=paths, data=DataSettings(transactions=transactions, events=events)
+        settings,
+        paths=paths,
+        data=DataSettings(transactions=transactions, events=events),
+        features=features,
     )
 
 
@@ -330,6 +349,7 @@ def _validate(s: Settings) -> None:
         raise ParamsError(
             "params: data.transactions.columns needs 'amount', or both 'quantity' and 'unit_price'"
         )
+    _validate_currency(src)
     if src.format not in FORMATS:
         raise ParamsError(
             f"params: data.transactions.format must be one of {FORMATS}, got {src.format!r}"
@@ -398,6 +418,24 @@ def _validate(s: Settings) -> None:
     if not tiers or any(not 0 < v < 1 for v in tiers.values()):
         raise ParamsError(
             f"params: score.risk_tiers must map tier names to thresholds in (0, 1), got {tiers}"
+        )
+
+
+def _validate_currency(src: TransactionSource) -> None:
+    if src.columns.get("currency") and not src.reporting_currency:
+        raise ParamsError(
+            "params: data.transactions.columns.currency is set, so "
+            "data.transactions.reporting_currency must name the currency amounts are converted to"
+        )
+    bad = {code: rate for code, rate in src.currency_rates.items() if not rate > 0}
+    if bad:
+        raise ParamsError(f"params: data.transactions.currency_rates must be > 0, got {bad}")
+    reporting = (src.reporting_currency or "").strip().upper()
+    own = [rate for code, rate in src.currency_rates.items() if code.strip().upper() == reporting]
+    if any(rate != 1 for rate in own):
+        raise ParamsError(
+            f"params: data.transactions.currency_rates gives the reporting currency {reporting} "
+            f"the rate {own[0]}; it must be 1 (or left out)"
         )
 
 

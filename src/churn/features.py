@@ -206,6 +206,22 @@ def line_features(tx: ir.Table, cutoff: date) -> ir.Table:
     )
 
 
+def channel_features(tx: ir.Table, cutoff: date, online_channels: tuple[str, ...]) -> ir.Table:
+    """``online_order_share``: the share of a customer's purchase orders before ``cutoff``
+    with a line whose channel is one of ``online_channels`` (any case, trimmed); orders
+    without a channel count as not online."""
+    lines = tx.filter(tx.day < day_number(cutoff), ~tx.is_return)
+    wanted = [c.strip().lower() for c in online_channels]
+    online = lines.channel.strip().lower().isin(wanted).fill_null(False)
+    orders = lines.group_by("customer_id", "order_id").agg(
+        online=online.any(), value=lines.amount.sum()
+    )
+    orders = orders.filter(orders.value > 0)  # the orders purchase_orders counts
+    return orders.group_by("customer_id").agg(
+        online_order_share=orders.online.cast("float64").mean()
+    )
+
+
 @dataclass(frozen=True)
 class Engagement:
     """Canonical engagement events (with ``day``) and the families to count."""
@@ -262,6 +278,13 @@ def customer_features(
         joined = joined.left_join(engagement_features(engagement, cutoff), "customer_id").drop(
             "customer_id_right"
         )
+        # No events before the cutoff is a count of zero, not an unknown one (a null count
+        # would also reach pandas as an object column, which the model skips).
+        counts = [f"{f}_{w}d" for f in engagement.families for w in ENGAGEMENT_WINDOWS]
+        joined = joined.mutate(**{c: joined[c].fill_null(0) for c in counts})
+    if settings.online_channels:
+        channels = channel_features(tx, cutoff, settings.online_channels)
+        joined = joined.left_join(channels, "customer_id").drop("customer_id_right")
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         gap_cv=joined.gap_std_days / joined.gap_mean_days,
@@ -444,6 +467,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             gap_features,
             line_features,
             engagement_features,
+            channel_features,
             customer_features,
             rfm_scores,
             rfm_segment,
@@ -458,6 +482,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
         "annual_discount_rate": settings.annual_discount_rate,
         "trend_days": TREND_DAYS,
         "engagement_families": list(families),
+        "online_channels": list(settings.online_channels),
     }
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
     return {

@@ -5,11 +5,15 @@ The canonical table has one row per transaction line::
     customer_id  string     normalised (``13085.0`` -> ``13085``)
     order_id     string     the export's order id, or customer id + timestamp when absent
     ts           timestamp  naive, as exported
-    amount       float64    line total; negative for returns
+    amount       float64    line total, in data.transactions.reporting_currency when the
+                            export has a currency column; negative for returns
     quantity     float64    null when the export has none
     product_id   string     null when the export has none
     channel      string     null when the export has none
     is_return    boolean    negative quantity or an order id with the return prefix
+    matched_order_id string for a return, the order of the customer's latest purchase of
+                            the same product at or before it (null when none, or when
+                            the export has no order ids)
 
 Counts reconcile: rows read = kept + rejected + exact duplicates removed.
 """
@@ -46,6 +50,7 @@ from churn.io import (
 )
 
 REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
+CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
 EVENT_REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "missing_event_type")
 
 
@@ -115,11 +120,19 @@ def _timestamp(text: ir.StringValue, ts_format: str | None) -> ir.TimestampValue
 
 
 def parse_lines(
-    raw: ir.Table, *, ts_format: str | None, return_order_prefix: str | None
+    raw: ir.Table,
+    *,
+    ts_format: str | None,
+    return_order_prefix: str | None,
+    currency_rates: dict[str, float] | None = None,
 ) -> ir.Table:
     """Parse text lines into typed canonical columns plus a ``reason`` (null when usable).
 
-    The original text stays beside them as ``source_<column>`` for the rejects file.
+    With ``currency_rates`` (reporting-currency units per unit of each upper-case code, see
+    :meth:`TransactionSource.conversion_rates`) amounts are converted into the reporting
+    currency; a line without a currency, or with one not in the table, is rejected. The
+    original text stays beside them as ``source_<column>`` for the rejects file, and the
+    normalised code as ``currency``.
     """
     raw = raw.rename({f"source_{c}": c for c in CANONICAL_COLUMNS})
     customer = _customer(raw.source_customer_id)
@@ -133,12 +146,21 @@ def parse_lines(
     if return_order_prefix:
         is_return = is_return | raw.source_order_id.startswith(return_order_prefix).fill_null(False)
     order_id = raw.source_order_id.strip().coalesce(customer.concat("@", ts_text))
-    reason = ibis.cases(
+    currency = raw.source_currency.strip().upper()
+    currency = ibis.cases((currency == "", ibis.null("string")), else_=currency)
+    checks = [
         (customer.isnull(), "missing_customer_id"),
         (ts.isnull(), "unparseable_ts"),
         (amount.isnull() | amount.isnan() | amount.isinf(), "non_finite_amount"),
-        else_=ibis.null("string"),
-    )
+    ]
+    if currency_rates:
+        rate = ibis.cases(
+            *[(currency == code, value) for code, value in currency_rates.items()],
+            else_=ibis.null("float64"),
+        )
+        checks += [(currency.isnull(), "missing_currency"), (rate.isnull(), "unknown_currency")]
+        amount = amount * rate
+    reason = ibis.cases(*checks, else_=ibis.null("string"))
     return raw.mutate(
         customer_id=customer,
         order_id=order_id,
@@ -148,6 +170,7 @@ def parse_lines(
         quantity=quantity,
         product_id=raw.source_product_id.strip(),
         channel=raw.source_channel.strip(),
+        currency=currency,
         is_return=is_return,
         reason=reason,
     )
@@ -158,6 +181,32 @@ def canonical(parsed: ir.Table) -> ir.Table:
     return parsed.filter(parsed.reason.isnull()).select(
         "customer_id", "order_id", "ts", "amount", "quantity", "product_id", "channel", "is_return"
     )
+
+
+def match_returns(lines: ir.Table) -> ir.Table:
+    """Add ``matched_order_id`` to canonical lines: for a return, the order of the same
+    customer's latest purchase of the same product at or before the return; null for
+    purchases and for returns without such a purchase."""
+    bought = lines.filter(~lines.is_return, lines.product_id.notnull())
+    bought = bought.select(
+        "customer_id", "product_id", bought_ts=bought.ts, matched_order_id=bought.order_id
+    )
+    returns = lines.filter(lines.is_return)
+    matched = returns.asof_join(
+        bought, on=returns.ts >= bought.bought_ts, predicates=["customer_id", "product_id"]
+    ).select(*lines.columns, "matched_order_id")
+    purchases = lines.filter(~lines.is_return).mutate(matched_order_id=ibis.null("string"))
+    return ibis.union(purchases, matched)
+
+
+def return_matches(lines: ir.Table) -> dict[str, int]:
+    """Return lines, and how many :func:`match_returns` linked to a purchase order."""
+    returns = lines.filter(lines.is_return)
+    counts = returns.agg(
+        lines=returns.count(), matched=returns.matched_order_id.notnull().sum()
+    ).execute()
+    n, matched = int(counts["lines"].iloc[0]), int(counts["matched"].fillna(0).iloc[0])
+    return {"lines": n, "matched": matched, "unmatched": n - matched}
 
 
 def rejects(parsed: ir.Table) -> ir.Table:
@@ -231,20 +280,30 @@ def run(data: DataSettings, paths: Paths) -> IngestSummary:
     unique, per_file, files = _read_unique(
         con, source, names=CANONICAL_COLUMNS, section="data.transactions"
     )
+    rates = source.conversion_rates()
     parsed = con.create_table(
         "parsed_lines",
         parse_lines(
-            unique, ts_format=source.ts_format, return_order_prefix=source.return_order_prefix
+            unique,
+            ts_format=source.ts_format,
+            return_order_prefix=source.return_order_prefix,
+            currency_rates=rates,
         ),
         temp=True,
     )
-    summary = _summarise(parsed, per_file=per_file, reasons=REJECT_REASONS)
+    reasons = (*REJECT_REASONS, *CURRENCY_REASONS) if rates else REJECT_REASONS
+    summary = _summarise(parsed, per_file=per_file, reasons=reasons)
     _check_usable(
         parsed, summary, files=files, ts_format=source.ts_format, section="data.transactions"
     )
     has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
     event_tables = _ingest_events(events) if has_events else None
-    write_parquet(canonical(parsed), paths.transactions)
+    lines = canonical(parsed)
+    if source.columns.get("order_id"):
+        lines = con.create_table("canonical_lines", match_returns(lines), temp=True)
+    else:  # without order ids there is no order to link a return to
+        lines = lines.mutate(matched_order_id=ibis.null("string"))
+    write_parquet(lines, paths.transactions)
     write_parquet(rejects(parsed), paths.rejects)
     if event_tables is None:
         write_parquet(EMPTY_EVENTS, paths.events)
@@ -255,6 +314,9 @@ def run(data: DataSettings, paths: Paths) -> IngestSummary:
         write_parquet(kept, paths.events)
         write_parquet(rejected, paths.event_rejects)
         report = {**_report(summary), "events": _report(event_summary)}
+    report["returns"] = return_matches(lines)
+    if rates:
+        report["currency"] = currency_report(parsed, source.reporting_currency, rates)
     write_json(report, paths.ingest_report)
     return summary
 
@@ -292,6 +354,29 @@ def _ingest_events(source: EventSource) -> tuple[ir.Table, ir.Table, IngestSumma
         *[f"source_{c}" for c in EVENT_COLUMNS], "reason"
     )
     return kept, rejected, summary
+
+
+def currency_report(
+    parsed: ir.Table, reporting_currency: str | None, rates: dict[str, float]
+) -> dict[str, Any]:
+    """Kept lines and their amount per source currency, and the currencies rejected for
+    want of a rate, with their line counts."""
+    by_code = parsed.group_by("currency", "reason").agg(
+        lines=parsed.count(), amount=parsed.amount.sum()
+    )
+    rows = by_code.execute().itertuples(index=False)
+    kept, unknown = {}, {}
+    for code, reason, lines, amount in sorted(rows, key=lambda r: str(r[0])):
+        if pd.isna(reason):
+            kept[code] = {"lines": int(lines), "amount": round(float(amount), 2)}
+        elif reason == "unknown_currency":
+            unknown[code] = int(lines)
+    return {
+        "reporting_currency": reporting_currency,
+        "rates": rates,
+        "kept_by_currency": kept,
+        "rejected_unknown_currencies": unknown,
+    }
 
 
 def _check_usable(

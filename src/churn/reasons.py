@@ -110,6 +110,7 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
         f"{r['bgnbd_expected_purchases']:.1f} purchases expected in the coming period"
     ),
     "clv_12m": lambda r: f"expected spend in the next 12 months {_money(r['clv_12m'])}",
+    "online_order_share": lambda r: f"{r['online_order_share'] * 100:.0f}% of orders online",
 }
 
 WINDOWED = re.compile(r"^(orders|spend)_(\d+)d$")
@@ -193,6 +194,7 @@ LABELS = {
     "bgnbd_p_no_purchase": "BG/NBD chance of no purchase",
     "bgnbd_expected_purchases": "BG/NBD expected purchases",
     "clv_12m": "expected 12-month value",
+    "online_order_share": "share of orders placed online",
 }
 
 
