@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -53,7 +54,7 @@ def connect(engine: Engine | None = None, *, timezone: str = "UTC") -> ibis.Base
 
 
 # Session defaults a user's spark.config may override.
-SPARK_DEFAULTS = {"spark.ui.enabled": "false"}
+SPARK_DEFAULTS = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
 
 
 def _connect_spark(spark: SparkSettings, *, timezone: str) -> ibis.BaseBackend:
@@ -74,6 +75,7 @@ def _connect_spark(spark: SparkSettings, *, timezone: str) -> ibis.BaseBackend:
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # one INFO line per gateway call
     # Runtime settings apply to a session that already existed, too.
     runtime = {k: v for k, v in config.items() if k.startswith("spark.sql.")}
     try:
