@@ -19,7 +19,7 @@ if os.environ.get("CHURN_REQUIRE_SPARK"):  # CI installs the extra: a skip would
     import pyspark  # noqa: F401
 pytest.importorskip("pyspark", reason="the spark extra is not installed (make install-spark)")
 
-from churn import features, ingest, score
+from churn import ChurnError, features, ingest, score
 from churn.config import Engine, FeatureSettings, Settings, SparkSettings, settings_from_dict
 from churn.io import connect, is_spark
 from tests.conftest import SAMPLE, TINY_ROWS, merge, project_params, tx
@@ -74,6 +74,12 @@ def test_connect_returns_a_spark_backend(spark_con):
     assert session.conf.get("spark.sql.session.timeZone") == "UTC"
     assert session.conf.get("spark.sql.shuffle.partitions") == "2"
     assert session.sparkContext.getConf().get("spark.ui.showConsoleProgress") == "false"
+
+
+def test_unknown_time_zone_is_named_on_spark(spark_con):
+    with pytest.raises(ChurnError, match=r"unknown time zone 'Mars/Olympus'"):
+        connect(SPARK, timezone="Mars/Olympus")
+    assert spark_con._session.conf.get("spark.sql.session.timeZone") == "UTC"
 
 
 def test_hand_checked_history_gives_the_duckdb_snapshot(spark_con, tmp_path):

@@ -78,13 +78,15 @@ def _connect_spark(spark: SparkSettings, *, timezone: str) -> ibis.BaseBackend:
     logging.getLogger("py4j").setLevel(logging.WARNING)  # one INFO line per gateway call
     # Runtime settings apply to a session that already existed, too.
     runtime = {k: v for k, v in config.items() if k.startswith("spark.sql.")}
+    con = ibis.pyspark.connect(session, **runtime)
     try:
-        return ibis.pyspark.connect(session, **runtime, **{"spark.sql.session.timeZone": timezone})
+        session.conf.set("spark.sql.session.timeZone", timezone)
     except Exception as exc:  # py4j wraps Spark's refusal of an unknown zone
         raise ChurnError(
             f"data.transactions.timezone: unknown time zone {timezone!r}; use an "
             "IANA name such as 'UTC' or 'Europe/London'"
         ) from exc
+    return con
 
 
 def _spark_value(value: Any) -> str:
