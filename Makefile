@@ -11,10 +11,10 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint check clean screenshot bench
+.PHONY: help install install-spark run test lint check clean screenshot bench
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml uv.lock
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv with the locked dependencies (incl. dev tools)
+
+$(VENV)/.installed-spark: $(VENV)/.installed
+	$(BIN)/uv sync --frozen --inexact --extra spark
+	touch $@
+
+install-spark: $(VENV)/.installed-spark ## Add PySpark (the spark extra) for engine: spark; needs Java 17
 
 run: install ## Run the whole pipeline (dvc repro) on the data named in params.yaml
 	dvc repro

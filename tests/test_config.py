@@ -4,7 +4,7 @@ from datetime import date
 
 import pytest
 
-from churn.config import ParamsError, load_settings
+from churn.config import Engine, ParamsError, SparkSettings, load_settings
 from tests.conftest import ROOT
 
 
@@ -14,6 +14,17 @@ def test_project_params_load():
     assert settings.features.windows_days == (30, 90, 180, 365)
     assert settings.data.transactions.path == (ROOT / "data" / "sample",)
     assert settings.paths.metrics == ROOT / "reports" / "metrics.json"
+    assert settings.backend == Engine(name="duckdb", spark=SparkSettings(master="local[*]"))
+
+
+def test_spark_engine_settings(make_settings):
+    settings = make_settings(
+        engine="spark",
+        spark={"master": "spark://head:7077", "config": {"spark.executor.memory": "8g"}},
+    )
+    assert settings.backend.name == "spark"
+    assert settings.backend.spark.master == "spark://head:7077"
+    assert settings.backend.spark.config == {"spark.executor.memory": "8g"}
 
 
 def test_dates_and_lists_are_parsed(make_settings):
@@ -39,6 +50,9 @@ def test_dates_and_lists_are_parsed(make_settings):
         ),
         ({"data": {"transactions": {"format": "xml"}}}, r"format must be one of"),
         ({"score": {"risk_tiers": {"high": 1.5}}}, r"score.risk_tiers"),
+        ({"engine": "polars"}, r"engine must be one of \('duckdb', 'spark'\), got 'polars'"),
+        ({"spark": {"master": " "}}, r"spark.master must name a master URL"),
+        ({"spark": {"config": {"executor.memory": "8g"}}}, r"must start with 'spark.'"),
     ],
     ids=[
         "zero-horizon",
@@ -50,6 +64,9 @@ def test_dates_and_lists_are_parsed(make_settings):
         "no-amount",
         "format",
         "tiers",
+        "engine",
+        "spark-master",
+        "spark-config",
     ],
 )
 def test_bad_params_are_named(make_settings, overrides, message):

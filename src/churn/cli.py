@@ -94,7 +94,7 @@ def ingest() -> None:
     from churn import ingest as stage
 
     settings = _settings()
-    s = stage.run(settings.data, settings.paths)
+    s = stage.run(settings.data, settings.paths, engine=settings.backend)
     log.info(
         "ingest: read %d rows, kept %d, rejected %d %s, removed %d duplicates; %d customers",
         s.rows_read,
@@ -112,7 +112,12 @@ def features() -> None:
     from churn import features as stage
 
     settings = _settings()
-    s = stage.run(settings.features, settings.paths, families=tuple(settings.data.events.families))
+    s = stage.run(
+        settings.features,
+        settings.paths,
+        families=tuple(settings.data.events.families),
+        engine=settings.backend,
+    )
     log.info(
         "features: train cutoffs %s, test %s, as-of %s; rows %s",
         [str(c) for c in s.plan.train],
@@ -229,6 +234,7 @@ def score(
             settings.features,
             events=events,
             families=tuple(settings.data.events.families),
+            engine=settings.backend,
         )
     else:
         snapshot = settings.paths.features / "score.parquet"

@@ -32,6 +32,7 @@ CANONICAL_COLUMNS = (
 )
 EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
+ENGINES = ("duckdb", "spark")
 RFM_SEGMENTS = (
     "Champions",
     "Loyal",
@@ -208,6 +209,22 @@ class CampaignSettings:
 
 
 @dataclass(frozen=True)
+class SparkSettings:
+    """The Spark session ``engine: spark`` runs on: any master URL, extra ``spark.*`` config."""
+
+    master: str = "local[*]"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where row-level work (ingest, features, scoring features) runs."""
+
+    name: str = "duckdb"
+    spark: SparkSettings = field(default_factory=SparkSettings)
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: Paths
     data: DataSettings
@@ -221,6 +238,13 @@ class Settings:
     actions: ActionSettings
     campaign: CampaignSettings
     seed: int = 42
+    engine: str = "duckdb"
+    spark: SparkSettings = field(default_factory=SparkSettings)
+
+    @property
+    def backend(self) -> Engine:
+        """The engine and its session settings, as the stages take them."""
+        return Engine(name=self.engine, spark=self.spark)
 
 
 def load_settings(path: Path) -> Settings:
@@ -354,6 +378,13 @@ def _validate(s: Settings) -> None:
         raise ParamsError(
             f"params: data.transactions.format must be one of {FORMATS}, got {src.format!r}"
         )
+    if s.engine not in ENGINES:
+        raise ParamsError(f"params: engine must be one of {ENGINES}, got {s.engine!r}")
+    if not s.spark.master.strip():
+        raise ParamsError("params: spark.master must name a master URL, e.g. 'local[*]'")
+    bad = sorted(k for k in s.spark.config if not k.startswith("spark."))
+    if bad:
+        raise ParamsError(f"params: spark.config keys must start with 'spark.', got {bad}")
     f = s.features
     _positive(
         "features",

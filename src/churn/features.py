@@ -24,7 +24,7 @@ import pandas as pd
 from ibis.expr import types as ir
 
 from churn import ChurnError, btyd
-from churn.config import FeatureSettings, Paths
+from churn.config import Engine, FeatureSettings, Paths
 from churn.io import connect, write_json, write_parquet
 from churn.progress import progress
 
@@ -288,8 +288,9 @@ def customer_features(
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         gap_cv=joined.gap_std_days / joined.gap_mean_days,
+        # float64 first: Spark reads 30.4 as a DECIMAL and would round the quotient
         purchase_days_per_month=joined.purchase_days
-        / (ibis.greatest(joined.tenure_days, 30) / 30.4),
+        / (ibis.greatest(joined.tenure_days, 30).cast("float64") / 30.4),
         return_rate=joined.returned_value / joined.monetary,
         cutoff=ibis.date(cutoff),
     )
@@ -505,13 +506,18 @@ def load_engagement(
 
 
 def run(
-    settings: FeatureSettings, paths: Paths, *, families: tuple[str, ...] = ()
+    settings: FeatureSettings,
+    paths: Paths,
+    *,
+    families: tuple[str, ...] = (),
+    engine: Engine | None = None,
 ) -> FeaturesSummary:
     """Build the train, test and scoring snapshots from the canonical tables.
 
-    ``families`` are the engagement event families to count when events exist.
+    ``families`` are the engagement event families to count when events exist; ``engine``
+    says where the row-level work runs (DuckDB by default).
     """
-    con = connect()
+    con = connect(engine)
     tx = with_day(con.read_parquet(paths.transactions))
     engagement = load_engagement(con, paths.events, families)
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]

@@ -35,6 +35,7 @@ from churn.config import (
     CANONICAL_COLUMNS,
     EVENT_COLUMNS,
     DataSettings,
+    Engine,
     EventSource,
     Paths,
     TransactionSource,
@@ -44,6 +45,8 @@ from churn.io import (
     connect,
     expand_inputs,
     file_format,
+    is_spark,
+    materialise,
     read_table,
     write_json,
     write_parquet,
@@ -70,6 +73,62 @@ class IngestSummary:
 @ibis.udf.scalar.builtin(name="try_strptime")
 def _try_strptime(value: str, fmt: str) -> datetime:  # type: ignore[empty-body]
     """DuckDB's ``try_strptime``: null where the text does not match the format."""
+
+
+@ibis.udf.scalar.builtin(name="try_to_timestamp")
+def _try_to_timestamp(value: str, fmt: str) -> datetime:  # type: ignore[empty-body]
+    """Spark's ``try_to_timestamp``: null where the text does not match the pattern."""
+
+
+# strptime directives as Spark datetime pattern letters (numbers accept 1 or 2 digits).
+JAVA_PATTERNS = {
+    "%Y": "yyyy",
+    "%y": "yy",
+    "%m": "M",
+    "%d": "d",
+    "%H": "H",
+    "%I": "h",
+    "%M": "m",
+    "%S": "s",
+    "%f": "SSSSSS",
+    "%p": "a",
+    "%b": "MMM",
+    "%B": "MMMM",
+    "%j": "D",
+    "%z": "XX",
+    "%%": "%",
+}
+
+
+def java_pattern(ts_format: str) -> str:
+    """Spark's datetime pattern for a strptime format; literal text is quoted.
+
+    >>> java_pattern("%d/%m/%Y %H:%M")
+    'd/M/yyyy H:m'
+    >>> java_pattern("%Y-%m-%dT%H:%M")
+    "yyyy-M-d'T'H:m"
+
+    Raises
+    ------
+    InputError
+        When the format uses a directive Spark has no pattern for.
+    """
+    out, k = [], 0
+    while k < len(ts_format):
+        if ts_format[k] == "%":
+            directive = ts_format[k : k + 2]
+            if directive not in JAVA_PATTERNS:
+                raise InputError(
+                    f"ts_format {ts_format!r}: {directive!r} is not supported with engine: "
+                    f"spark; use {sorted(JAVA_PATTERNS)}"
+                )
+            out.append(JAVA_PATTERNS[directive])
+            k += 2
+        else:
+            char = ts_format[k]
+            out.append(f"'{char}'" if char.isalpha() else "''" if char == "'" else char)
+            k += 1
+    return "".join(out)
 
 
 def source_lines(
@@ -106,12 +165,21 @@ def source_lines(
 
 def _customer(text: ir.StringValue) -> ir.StringValue:
     """Trimmed customer id, ``13085.0`` -> ``13085``; null when empty."""
-    customer = text.strip().re_replace(r"^(-?\d+)\.0+$", r"\1")
+    customer = text.strip()
+    # No back-reference in the replacement: DuckDB spells it \1, Spark $1.
+    customer = ibis.cases(
+        (customer.re_search(r"^-?\d+\.0+$"), customer.re_replace(r"\.0+$", "")),
+        else_=customer,
+    )
     return ibis.cases((customer == "", ibis.null("string")), else_=customer)
 
 
-def _timestamp(text: ir.StringValue, ts_format: str | None) -> ir.TimestampValue:
+def _timestamp(
+    text: ir.StringValue, ts_format: str | None, *, spark: bool = False
+) -> ir.TimestampValue:
     """Parsed timestamp, null where it does not parse."""
+    if ts_format and spark:
+        return _try_to_timestamp(text, java_pattern(ts_format))
     if ts_format:
         return _try_strptime(text, ts_format)
     # Through a zoned type: an explicit offset is converted into the session's time zone
@@ -137,7 +205,7 @@ def parse_lines(
     raw = raw.rename({f"source_{c}": c for c in CANONICAL_COLUMNS})
     customer = _customer(raw.source_customer_id)
     ts_text = raw.source_ts.strip()
-    ts = _timestamp(ts_text, ts_format)
+    ts = _timestamp(ts_text, ts_format, spark=is_spark(raw.get_backend()))
     quantity = raw.source_quantity.strip().try_cast("float64")
     amount = (raw.source_amount.strip().try_cast("float64")).coalesce(
         quantity * raw.source_unit_price.strip().try_cast("float64")
@@ -222,7 +290,7 @@ def parse_events(
     """Parse engagement events: customer, time, type, family (``other`` if unmapped), value."""
     raw = raw.rename({f"source_{c}": c for c in EVENT_COLUMNS})
     customer = _customer(raw.source_customer_id)
-    ts = _timestamp(raw.source_ts.strip(), ts_format)
+    ts = _timestamp(raw.source_ts.strip(), ts_format, spark=is_spark(raw.get_backend()))
     event_type = raw.source_event_type.strip()
     family = ibis.cases(
         *[(event_type.isin(types), name) for name, types in families.items()], else_="other"
@@ -264,24 +332,26 @@ def _read_unique(
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
     unique = ibis.union(*frames, distinct=True) if len(frames) > 1 else frames[0].distinct()
     return (
-        con.create_table(f"unique_{section.rpartition('.')[2]}", unique, temp=True),
+        materialise(con, f"unique_{section.rpartition('.')[2]}", unique),
         per_file,
         files,
     )
 
 
-def run(data: DataSettings, paths: Paths) -> IngestSummary:
+def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> IngestSummary:
     """Read the exports, deduplicate, parse, quarantine, and write tables, rejects and report.
 
     Nothing is written unless both sources (transactions, and events when present) pass.
+    Row-level work runs on ``engine`` (DuckDB by default).
     """
     source, events = data.transactions, data.events
-    con = connect(timezone=source.timezone)
+    con = connect(engine, timezone=source.timezone)
     unique, per_file, files = _read_unique(
         con, source, names=CANONICAL_COLUMNS, section="data.transactions"
     )
     rates = source.conversion_rates()
-    parsed = con.create_table(
+    parsed = materialise(
+        con,
         "parsed_lines",
         parse_lines(
             unique,
@@ -289,7 +359,6 @@ def run(data: DataSettings, paths: Paths) -> IngestSummary:
             return_order_prefix=source.return_order_prefix,
             currency_rates=rates,
         ),
-        temp=True,
     )
     reasons = (*REJECT_REASONS, *CURRENCY_REASONS) if rates else REJECT_REASONS
     summary = _summarise(parsed, per_file=per_file, reasons=reasons)
@@ -297,10 +366,10 @@ def run(data: DataSettings, paths: Paths) -> IngestSummary:
         parsed, summary, files=files, ts_format=source.ts_format, section="data.transactions"
     )
     has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
-    event_tables = _ingest_events(events) if has_events else None
+    event_tables = _ingest_events(events, engine) if has_events else None
     lines = canonical(parsed)
     if source.columns.get("order_id"):
-        lines = con.create_table("canonical_lines", match_returns(lines), temp=True)
+        lines = materialise(con, "canonical_lines", match_returns(lines))
     else:  # without order ids there is no order to link a return to
         lines = lines.mutate(matched_order_id=ibis.null("string"))
     write_parquet(lines, paths.transactions)
@@ -337,13 +406,15 @@ EMPTY_EVENT_REJECTS = pd.DataFrame(
 ).rename(columns={"source_reason": "reason"})
 
 
-def _ingest_events(source: EventSource) -> tuple[ir.Table, ir.Table, IngestSummary]:
-    con = connect(timezone=source.timezone)
+def _ingest_events(
+    source: EventSource, engine: Engine | None
+) -> tuple[ir.Table, ir.Table, IngestSummary]:
+    con = connect(engine, timezone=source.timezone)
     unique, per_file, files = _read_unique(con, source, names=EVENT_COLUMNS, section="data.events")
-    parsed = con.create_table(
+    parsed = materialise(
+        con,
         "parsed_events",
         parse_events(unique, ts_format=source.ts_format, families=source.families),
-        temp=True,
     )
     summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
     _check_usable(parsed, summary, files=files, ts_format=source.ts_format, section="data.events")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import pandas as pd
 from ibis.expr import types as ir
 
 from churn import ChurnError
+from churn.config import Engine, SparkSettings
 
 SUFFIX_FORMATS = {
     ".csv": "csv",
@@ -34,11 +37,14 @@ class InputError(ChurnError):
     """An input file is missing, unreadable, or lacks what the params say it holds."""
 
 
-def connect(*, timezone: str = "UTC") -> ibis.BaseBackend:
-    """An embedded DuckDB connection (in memory, spills to disk when needed).
+def connect(engine: Engine | None = None, *, timezone: str = "UTC") -> ibis.BaseBackend:
+    """The Ibis backend that row-level work runs on: embedded DuckDB (in memory, spills to
+    disk when needed) by default, or a Spark session when ``engine.name`` is ``spark``.
 
     ``timezone`` is the session time zone that zoned timestamps are converted into.
     """
+    if engine is not None and engine.name == "spark":
+        return _connect_spark(engine.spark, timezone=timezone)
     con = ibis.duckdb.connect()
     try:
         con.raw_sql(f"SET TimeZone = '{timezone.replace(chr(39), '')}'")
@@ -48,6 +54,52 @@ def connect(*, timezone: str = "UTC") -> ibis.BaseBackend:
             "IANA name such as 'UTC' or 'Europe/London'"
         ) from exc
     return con
+
+
+# Session defaults a user's spark.config may override.
+SPARK_DEFAULTS = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
+
+
+def _connect_spark(spark: SparkSettings, *, timezone: str) -> ibis.BaseBackend:
+    """A Spark session on ``spark.master`` (created once per process) wrapped by Ibis."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ChurnError(
+            "engine: spark needs PySpark; install it with `make install-spark` "
+            "(or `uv sync --extra spark`)"
+        ) from None
+    if spark.master.startswith("local"):
+        # Hostnames that resolve to a loopback alias make the local driver unreachable.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    config = {**SPARK_DEFAULTS, **{k: _spark_value(v) for k, v in spark.config.items()}}
+    builder = SparkSession.builder.master(spark.master).appName("churn")
+    for key, value in config.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # one INFO line per gateway call
+    # Runtime settings apply to a session that already existed, too.
+    runtime = {k: v for k, v in config.items() if k.startswith("spark.sql.")}
+    con = ibis.pyspark.connect(session, **runtime)
+    try:
+        session.conf.set("spark.sql.session.timeZone", timezone)
+    except Exception as exc:  # py4j wraps Spark's refusal of an unknown zone
+        raise ChurnError(
+            f"data.transactions.timezone: unknown time zone {timezone!r}; use an "
+            "IANA name such as 'UTC' or 'Europe/London'"
+        ) from exc
+    return con
+
+
+def _spark_value(value: Any) -> str:
+    """Spark's spelling of a config value (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def is_spark(con: ibis.BaseBackend) -> bool:
+    """Whether ``con`` runs on Spark."""
+    return con.name == "pyspark"
 
 
 def expand_inputs(
@@ -99,12 +151,16 @@ def read_table(
             return con.read_parquet(path)
         if fmt == "csv" and delimiter == WHITESPACE:
             return _read_whitespace_separated(con, path, encoding)
+        if fmt == "csv" and is_spark(con):
+            return con.read_csv(
+                str(path), sep=delimiter, encoding=encoding, inferSchema=False, header=True
+            )
         if fmt == "csv":
             return con.read_csv(
                 path, delim=delimiter, encoding=encoding, all_varchar=True, header=True
             )
         frame = pd.read_excel(path, dtype=str)
-        return con.create_table(f"excel_{abs(hash(path))}", frame, temp=True)
+        return materialise(con, f"excel_{abs(hash(path))}", ibis.memtable(frame))
     except Exception as exc:  # the engines raise many types; the user needs file + reason
         raise InputError(f"{path}: cannot read as {fmt}: {str(exc).splitlines()[0]}") from exc
 
@@ -175,13 +231,47 @@ def write_json(data: dict[str, Any], target: Path) -> None:
         stream.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def materialise(con: ibis.BaseBackend, name: str, expr: ir.Table) -> ir.Table:
+    """Compute ``expr`` once and keep it for the session: a temporary table on DuckDB, a
+    cached view on Spark."""
+    if is_spark(con):
+        return expr.cache()
+    return con.create_table(name, expr, temp=True)
+
+
 def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
-    """Write a pandas frame or an Ibis expression (streamed by the engine) to Parquet."""
+    """Write a pandas frame or an Ibis expression (streamed by the engine) to one Parquet
+    file. On Spark the executors write it (one partition) beside ``target``; the driver
+    only moves the file."""
     with atomic_path(target) as tmp:
         if isinstance(frame, pd.DataFrame):
             frame.to_parquet(tmp, index=False)
+        elif is_spark(frame.get_backend()):
+            _spark_parquet(frame, tmp)
         else:
             frame.to_parquet(tmp)
+
+
+def _spark_parquet(expr: ir.Table, target: Path) -> None:
+    con = expr.get_backend()
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        frame = con.raw_sql(con.compile(expr))
+        # Spark's timestamps are instants; the file keeps the session's wall-clock time,
+        # naive like DuckDB's.
+        frame = frame.select(
+            *(
+                frame[f.name].cast("timestamp_ntz").alias(f.name)
+                if f.dataType.typeName() == "timestamp"
+                else frame[f.name]
+                for f in frame.schema.fields
+            )
+        )
+        frame.coalesce(1).write.mode("overwrite").parquet(str(folder))
+        (part,) = folder.glob("part-*.parquet")
+        os.replace(part, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_csv(

@@ -31,6 +31,7 @@ from churn.config import (
     ActionSettings,
     CampaignSettings,
     DriftSettings,
+    Engine,
     FeatureSettings,
     ScoreSettings,
 )
@@ -173,15 +174,16 @@ def scoring_snapshot(
     *,
     events: Path | None = None,
     families: tuple[str, ...] = (),
+    engine: Engine | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Features of every customer active at ``as_of`` from canonical transaction (and event)
-    files, with the spec they were built to."""
+    files, with the spec they were built to; row-level work runs on ``engine``."""
     for path in (transactions, events):
         if path is not None and not path.is_file():
             raise InputError(
                 f"{path}: file not found (expected a Parquet file `churn ingest` writes)"
             )
-    con = connect()
+    con = connect(engine)
     tx = with_day(con.read_parquet(transactions))
     engagement = load_engagement(con, events, families) if events else None
     spec = feature_spec(settings, engagement.families if engagement else ())
