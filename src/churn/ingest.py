@@ -260,8 +260,21 @@ def match_returns(lines: ir.Table) -> ir.Table:
         "customer_id", "product_id", bought_ts=bought.ts, matched_order_id=bought.order_id
     )
     returns = lines.filter(lines.is_return)
-    matched = returns.asof_join(
-        bought, on=returns.ts >= bought.bought_ts, predicates=["customer_id", "product_id"]
+    returns = returns.mutate(_line=ibis.row_number())  # identical return lines stay apart
+    # Every earlier purchase of the product, then the latest one (ties: the greatest order
+    # id). Spark has no as-of join, so this is a join and a max that every engine runs.
+    pairs = returns.left_join(
+        bought,
+        [
+            returns.customer_id == bought.customer_id,
+            returns.product_id == bought.product_id,
+            returns.ts >= bought.bought_ts,
+        ],
+    )
+    latest = pairs.bought_ts.cast("string").concat("|", pairs.matched_order_id).max()
+    matched = pairs.group_by("_line", *lines.columns).agg(_latest=latest)
+    matched = matched.mutate(
+        matched_order_id=matched._latest.re_extract(r"\|(.*)$", 1).nullif("")
     ).select(*lines.columns, "matched_order_id")
     purchases = lines.filter(~lines.is_return).mutate(matched_order_id=ibis.null("string"))
     return ibis.union(purchases, matched)
