@@ -217,9 +217,10 @@ def score(
     Exit codes: 2 bad input or params, 3 model contract mismatch, 4 drift above
     drift.fail_psi.
     """
-    import pandas as pd
+    import tempfile
 
     from churn import score as stage
+    from churn.io import write_parquet
     from churn.model import load_model
 
     settings = _settings()
@@ -227,18 +228,6 @@ def score(
         _tracking(settings)
     uri = model or str(settings.paths.model)
     churn_model = load_model(uri)
-    if transactions is not None:
-        snapshot, spec = stage.scoring_snapshot(
-            transactions,
-            _as_of(as_of, transactions),
-            settings.features,
-            events=events,
-            families=tuple(settings.data.events.families),
-            engine=settings.backend,
-        )
-    else:
-        snapshot = settings.paths.features / "score.parquet"
-        spec = json.loads((settings.paths.features / "spec.json").read_text())
     if model is None:
         version = json.loads(settings.paths.model_info.read_text())["model_version"]
     else:
@@ -251,19 +240,31 @@ def score(
         allow_drift=allow_drift,
         xlsx=xlsx,
     )
-    # The pipeline's snapshot is streamed from Parquet; one built from --transactions is
-    # already in memory.
-    score_stage = stage.run if isinstance(snapshot, pd.DataFrame) else stage.run_streamed
-    s = score_stage(
-        snapshot,
-        spec,
-        churn_model,
-        job,
-        settings=settings.score,
-        drift=settings.drift,
-        actions=settings.actions,
-        campaign=settings.campaign,
-    )
+    with tempfile.TemporaryDirectory(prefix="churn-snapshot-") as folder:
+        snapshot = settings.paths.features / "score.parquet"
+        if transactions is not None:  # built here, then scored like the pipeline's snapshot
+            frame, spec = stage.scoring_snapshot(
+                transactions,
+                _as_of(as_of, transactions),
+                settings.features,
+                events=events,
+                families=tuple(settings.data.events.families),
+                engine=settings.backend,
+            )
+            snapshot = Path(folder) / "score.parquet"
+            write_parquet(frame, snapshot)
+        else:
+            spec = json.loads((settings.paths.features / "spec.json").read_text())
+        s = stage.run(
+            snapshot,
+            spec,
+            churn_model,
+            job,
+            settings=settings.score,
+            drift=settings.drift,
+            actions=settings.actions,
+            campaign=settings.campaign,
+        )
     log.info(
         "score: %d customers as of %s, by tier %s; drift %s; selected %d for %.2f, "
         "expected value saved %.2f (top-by-probability list: %.2f)",

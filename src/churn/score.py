@@ -35,7 +35,7 @@ from churn.config import (
     FeatureSettings,
     ScoreSettings,
 )
-from churn.drift import DriftError, bin_counts, drift_report, drift_status, psi_of_counts
+from churn.drift import DriftError, bin_counts, drift_status, psi_of_counts
 from churn.features import (
     customer_features,
     feature_spec,
@@ -43,7 +43,7 @@ from churn.features import (
     snapshot_frame,
     with_day,
 )
-from churn.io import InputError, atomic_text, connect, write_csv, write_json, write_xlsx
+from churn.io import InputError, atomic_text, connect, write_json, write_xlsx
 from churn.model import ChurnModel
 from churn.progress import progress
 from churn.reasons import explain
@@ -111,46 +111,6 @@ def customer_value(snapshot: pd.DataFrame) -> np.ndarray:
     return np.clip(snapshot["spend_365d"].to_numpy("float64") * kept, 0, None)
 
 
-def retention_list(
-    snapshot: pd.DataFrame,
-    probability: np.ndarray,
-    contributions: pd.DataFrame,
-    settings: ScoreSettings,
-    actions: ActionSettings,
-    *,
-    as_of: date,
-    model_version: str,
-) -> pd.DataFrame:
-    """The retention list of a scored snapshot with reasons and actions, riskiest first."""
-    value = customer_value(snapshot)
-    out = pd.DataFrame(
-        {
-            "customer_id": snapshot["customer_id"].to_numpy(),
-            "as_of": as_of.isoformat(),
-            "churn_probability": probability,
-            "risk_decile": risk_deciles(probability),
-            "risk_tier": risk_tiers(probability, settings.risk_tiers),
-            "rfm_segment": snapshot["rfm_segment"].to_numpy(),
-            "customer_value": value,
-            "value_band": value_bands(value, actions.value_bands),
-            "clv_12m": snapshot["clv_12m"].to_numpy("float64"),
-            "value_at_risk": probability * snapshot["clv_12m"].to_numpy("float64"),
-            "recency_days": snapshot["recency_days"].to_numpy(),
-            "frequency": snapshot["frequency"].to_numpy(),
-            "monetary": snapshot["monetary"].to_numpy(dtype="float64"),
-            "model_version": model_version,
-        }
-    )
-    out = out.join(explain(contributions, snapshot, n=settings.n_reasons).reset_index(drop=True))
-    out["action"] = assign_actions(out, actions)
-    out = expected_value_saved(out, actions)
-    return out.sort_values(
-        ["risk_decile", "churn_probability", "customer_id"],
-        ascending=[True, False, True],
-        kind="stable",
-    ).reset_index(drop=True)
-
-
 def for_marketers(table: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
     """The CSV view: contract columns, probabilities to 4 places, money to 2."""
     out = table[retention_columns(n_reasons)].copy()
@@ -203,67 +163,6 @@ class ScoreJob:
     xlsx: bool = False
 
 
-def run(
-    snapshot: pd.DataFrame,
-    spec: dict[str, Any],
-    model: ChurnModel,
-    job: ScoreJob,
-    *,
-    settings: ScoreSettings,
-    drift: DriftSettings,
-    actions: ActionSettings,
-    campaign: CampaignSettings,
-) -> ScoreSummary:
-    """Check the model's contract and drift, then write the retention list of ``snapshot``.
-
-    ``spec`` describes how the snapshot was built (``feature_hash``, ``horizon_days``).
-
-    Raises
-    ------
-    ModelError
-        When the model was trained on other feature definitions, horizon or columns.
-    DriftError
-        When a population moved beyond ``drift.fail_psi`` and ``job.allow_drift`` is off;
-        the drift report is written, the retention list is not.
-    """
-    if snapshot.empty:
-        raise InputError("no customer is active at the as-of date: nothing to score")
-    model.check_contract(
-        feature_hash=spec["feature_hash"],
-        horizon_days=spec["horizon_days"],
-        columns=list(snapshot.columns),
-    )
-    probability = model.predict_proba(snapshot)
-    report = population_drift(snapshot, probability, model, drift)
-    _check_drift(report, drift, job)
-    as_of = snapshot["cutoff"].iloc[0]
-    table = retention_list(
-        snapshot,
-        probability,
-        model.contributions(snapshot),
-        settings,
-        actions,
-        as_of=as_of,
-        model_version=job.model_version,
-    )
-    table["selected"] = select_by_value(table, campaign.budget)
-    naive = select_top_probability(table, campaign.budget)
-    summary = campaign_summary(table, table["selected"].to_numpy(), naive, campaign.budget)
-    write_json(summary, job.campaign_report)
-    marketers = for_marketers(table, settings.n_reasons)
-    log.info("writing %d rows to %s", len(table), job.out)
-    write_csv(marketers, job.out, chunk_rows=settings.chunk_rows, encoding="utf-8-sig")
-    if job.xlsx:
-        write_xlsx(marketers, job.out.with_suffix(".xlsx"))
-    return ScoreSummary(
-        customers=len(table),
-        as_of=as_of.isoformat(),
-        by_tier=table["risk_tier"].value_counts().to_dict(),
-        drift=report["status"],
-        campaign=summary,
-    )
-
-
 def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) -> None:
     """Write the drift report; stop above ``drift.fail_psi`` unless allowed, else warn."""
     write_json(report, job.drift_report)
@@ -276,22 +175,6 @@ def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) ->
     moved = {k: v["psi"] for k, v in report["columns"].items() if v["status"] != "ok"}
     if moved:
         log.warning("drift above drift.warn_psi=%s: %s", drift.warn_psi, moved)
-
-
-def population_drift(
-    snapshot: pd.DataFrame, probability: np.ndarray, model: ChurnModel, drift: DriftSettings
-) -> dict[str, Any]:
-    """PSI of every model feature and of the churn probability against the model's profiles."""
-    current = {f: snapshot[f].to_numpy("float64") for f in model.feature_names}
-    current["churn_probability"] = probability
-    report = drift_report(
-        model.reference,
-        current,
-        warn_psi=drift.warn_psi,
-        fail_psi=drift.fail_psi,
-        exempt=drift.exempt,
-    )
-    return {"as_of": str(snapshot["cutoff"].iloc[0]), **report}
 
 
 # --------------------------------------------------------------------------- streamed scoring
@@ -461,7 +344,7 @@ def _write_in_rank_order(folder: Path, target: Path, chunk_rows: int) -> None:
             header = False
 
 
-def run_streamed(
+def run(
     snapshot: Path,
     spec: dict[str, Any],
     model: ChurnModel,
@@ -472,9 +355,20 @@ def run_streamed(
     actions: ActionSettings,
     campaign: CampaignSettings,
 ) -> ScoreSummary:
-    """:func:`run` on a snapshot Parquet file read in batches of ``settings.chunk_rows``:
-    the same retention list, drift and campaign reports, in memory that grows with a few
-    numbers per customer rather than with the snapshot. Raises as :func:`run` does."""
+    """Check the model's contract and drift, then write the retention list, drift and
+    campaign reports of a snapshot Parquet file, read in batches of ``settings.chunk_rows``:
+    memory grows with a few numbers per customer, not with the snapshot.
+
+    ``spec`` describes how the snapshot was built (``feature_hash``, ``horizon_days``).
+
+    Raises
+    ------
+    ModelError
+        When the model was trained on other feature definitions, horizon or columns.
+    DriftError
+        When a population moved beyond ``drift.fail_psi`` and ``job.allow_drift`` is off;
+        the drift report is written, the retention list is not.
+    """
     file = pq.ParquetFile(snapshot)
     if file.metadata.num_rows == 0:
         raise InputError("no customer is active at the as-of date: nothing to score")
