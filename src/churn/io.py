@@ -69,10 +69,13 @@ def _connect_spark(spark: SparkSettings, *, timezone: str) -> ibis.BaseBackend:
             "engine: spark needs PySpark; install it with `make install-spark` "
             "(or `uv sync --extra spark`)"
         ) from None
+    defaults = dict(SPARK_DEFAULTS)
     if spark.master.startswith("local"):
         # Hostnames that resolve to a loopback alias make the local driver unreachable.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    config = {**SPARK_DEFAULTS, **{k: _spark_value(v) for k, v in spark.config.items()}}
+        # Spark's 200 shuffle partitions cost more in task overhead than one machine gains.
+        defaults["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 2))
+    config = {**defaults, **{k: _spark_value(v) for k, v in spark.config.items()}}
     builder = SparkSession.builder.master(spark.master).appName("churn")
     for key, value in config.items():
         builder = builder.config(key, value)
