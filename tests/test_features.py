@@ -9,8 +9,10 @@ import pytest
 
 from churn.config import RFM_SEGMENTS, FeatureSettings
 from churn.features import (
+    BTYD_COLUMNS,
     Engagement,
     SnapshotError,
+    btyd_features,
     customer_features,
     labelled_snapshot,
     plan_snapshots,
@@ -288,3 +290,58 @@ def _snapshot_with(frame: pd.DataFrame, settings: FeatureSettings) -> pd.DataFra
     con = ibis.duckdb.connect()
     table = with_day(con.create_table("tx", frame))
     return customer_features(table, CUTOFF, settings).to_pandas()
+
+
+def test_clv_falls_back_to_yearly_spend_net_of_returns_without_enough_buyers():
+    # Three customers, none with repeat purchases: no BTYD fit, clv_12m is the yearly spend
+    # (over at least a year of tenure) kept after returns, never negative.
+    snapshot = pd.DataFrame(
+        {
+            "purchase_days": [1, 1, 1],
+            "tenure_days": [730, 100, 400],
+            "recency_days": [730, 100, 400],
+            "monetary": [730.0, 100.0, 50.0],
+            "return_rate": [0.1, 1.5, 0.0],
+        }
+    )
+    out, report = btyd_features(snapshot, SETTINGS, CUTOFF)
+    assert not report["fitted"]
+    assert out[list(BTYD_COLUMNS)].isna().all().all()
+    assert out["clv_12m"].tolist() == pytest.approx([328.5, 0.0, 50 / (400 / 365)])
+
+
+def _btyd_snapshot(n: int = 400) -> pd.DataFrame:
+    rng = np.random.default_rng(5)
+    purchase_days = rng.integers(1, 12, n)
+    tenure = rng.integers(60, 700, n)
+    return pd.DataFrame(
+        {
+            "purchase_days": purchase_days,
+            "tenure_days": tenure,
+            # One purchase day: the last purchase is the first.
+            "recency_days": np.where(
+                purchase_days == 1, tenure, (tenure * rng.uniform(0, 1, n)).astype(int)
+            ),
+            "monetary": purchase_days * rng.uniform(10, 100, n),
+            "return_rate": rng.choice([0.0, 0.2, 1.2], n),
+        }
+    )
+
+
+def test_clv_is_discounted_and_net_of_returns_when_models_are_fitted():
+    snapshot = _btyd_snapshot()
+    out, report = btyd_features(snapshot, SETTINGS, CUTOFF)
+    assert report["fitted"]
+    assert report["bgnbd"]["converged"]
+    assert report["gamma_gamma"]["converged"]
+    assert np.isfinite(out.to_numpy()).all()
+    assert out["bgnbd_p_no_purchase"].between(0, 1).all()
+    clv = out["clv_12m"]
+    assert (clv >= 0).all()
+    assert (clv[snapshot["return_rate"] >= 1] == 0).all()  # returned everything: no value
+    # A higher discount rate lowers every positive value; nothing else changes.
+    steeper = FeatureSettings(**{**SETTINGS.__dict__, "annual_discount_rate": 0.5})
+    discounted, _ = btyd_features(snapshot, steeper, CUTOFF)
+    positive = clv > 0
+    assert (discounted["clv_12m"][positive] < clv[positive]).all()
+    pd.testing.assert_frame_equal(discounted.drop(columns="clv_12m"), out.drop(columns="clv_12m"))
