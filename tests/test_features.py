@@ -18,6 +18,7 @@ from churn.features import (
     plan_snapshots,
     rfm_scores,
     rfm_segment,
+    season_prior,
     snapshot_frame,
     with_day,
 )
@@ -345,3 +346,14 @@ def test_clv_is_discounted_and_net_of_returns_when_models_are_fitted():
     positive = clv > 0
     assert (discounted["clv_12m"][positive] < clv[positive]).all()
     pd.testing.assert_frame_equal(discounted.drop(columns="clv_12m"), out.drop(columns="clv_12m"))
+
+
+def test_season_prior_is_the_churn_rate_a_year_earlier(tiny_tx):
+    con = ibis.duckdb.connect()
+    table = with_day(con.create_table("tx", tiny_tx))
+    # A year before 2022-04-01: A (bought 2021-03-20) and B (2021-03-31) are active, C's
+    # last order is two years old and D's is on the day itself; A buys again on 2021-04-10,
+    # B does not within 30 days: half of them churned.
+    assert season_prior(table, date(2022, 4, 1), SETTINGS) == 0.5
+    assert season_prior(table, date(2021, 4, 1), SETTINGS) is None  # nobody active then
+    assert season_prior(table, date(2019, 6, 1), SETTINGS) is None  # before the data

@@ -36,6 +36,21 @@ def test_metrics_json_shape_and_model_beats_recency(pipeline):
         assert (pipeline.settings.paths.plots / f"{kind}.csv").exists()
 
 
+def test_season_shift_moves_test_probabilities_towards_the_test_churn_rate(pipeline):
+    model = load_model(str(pipeline.settings.paths.model))
+    test = pd.read_parquet(pipeline.settings.paths.features / "test.parquet")
+    validation = pd.read_parquet(pipeline.settings.paths.features / "train.parquet")
+    validation = validation[validation["cutoff"] == validation["cutoff"].max()]
+    assert model.card.season_prior == validation["season_prior"].iloc[0]
+    rate = test[LABEL].mean()
+    shifted, unshifted = model.predict_proba(test), model.validation_season_proba(test)
+    assert abs(shifted.mean() - rate) < abs(unshifted.mean() - rate)
+    # Within one cutoff the shift keeps the order: the ranking metrics do not change.
+    assert roc_auc_score(test[LABEL], shifted) == pytest.approx(
+        roc_auc_score(test[LABEL], unshifted), abs=1e-9
+    )
+
+
 def test_model_is_registered_with_aliases_and_logged(pipeline):
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("churn", "champion")

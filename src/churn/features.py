@@ -303,6 +303,32 @@ def churn_labels(tx: ir.Table, cutoff: date, horizon_days: int) -> ir.Table:
     return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
 
 
+def season_prior(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> float | None:
+    """The churn rate a year before ``cutoff``: customers active at ``cutoff - 365`` days who
+    made no purchase in the horizon after it, all observed before ``cutoff``.
+
+    It is the base rate of the same season, for the model to move its probabilities from
+    the validation snapshot's season to this one's; None when the data do not reach back a
+    year (or the horizon is longer than one).
+    """
+    previous = cutoff - timedelta(days=365)
+    first = tx.day.min().execute()
+    if settings.horizon_days > 365 or first is None or day_number(previous) <= first:
+        return None
+    orders = purchase_orders(tx, previous)
+    active = orders.filter(orders.day >= day_number(previous) - settings.active_lookback_days)
+    active = active.select("customer_id").distinct()
+    labelled = active.left_join(churn_labels(tx, previous, settings.horizon_days), "customer_id")
+    rate = labelled.bought.isnull().cast("float64").mean().execute()
+    return float(rate) if rate is not None and 0 < rate < 1 else None
+
+
+def with_season_prior(frame: pd.DataFrame, tx: ir.Table, settings: FeatureSettings) -> pd.DataFrame:
+    """Add ``season_prior`` (:func:`season_prior` of each row's cutoff; NaN when unknown)."""
+    priors = {c: season_prior(tx, c, settings) for c in frame["cutoff"].unique()}
+    return frame.assign(season_prior=frame["cutoff"].map(priors).astype("float64").round(9))
+
+
 def labelled_snapshot(
     tx: ir.Table, cutoff: date, settings: FeatureSettings, engagement: Engagement | None = None
 ) -> ir.Table:
@@ -323,7 +349,7 @@ def rfm_scores(snapshot: pd.DataFrame) -> pd.DataFrame:
     frequent, highest spend).
 
     >>> frame = pd.DataFrame({"cutoff": [1] * 5, "recency_days": [1, 2, 3, 4, 5],
-    ...                       "frequency": [5, 4, 3, 2, 1], "monetary": [1.0] * 5})
+    ...                       "frequency": [5, 4, 3, 2, 1], "monetary": [5.0, 4, 3, 2, 1]})
     >>> rfm_scores(frame)[["r_score", "f_score", "m_score"]].values.tolist()[0]
     [5, 5, 5]
     """
@@ -474,6 +500,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             rfm_segment,
             btyd_inputs,
             btyd_features,
+            season_prior,
         )
     )
     defining = {
@@ -533,7 +560,7 @@ def run(
         for name, (expr, cutoffs) in expressions.items():
             built[name] = snapshot_frame(expr, settings)
             advance(cutoffs)
-    frames = {name: frame for name, (frame, _) in built.items()}
+    frames = {name: with_season_prior(frame, tx, settings) for name, (frame, _) in built.items()}
     fits = {cutoff: fit for _, cut_fits in built.values() for cutoff, fit in cut_fits.items()}
     empty = [name for name, frame in frames.items() if frame.empty]
     if empty:  # checked before anything is written: no partial snapshot set is left behind

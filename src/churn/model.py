@@ -16,6 +16,7 @@ import lightgbm as lgb
 import mlflow
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from churn import ChurnError
 
@@ -33,7 +34,9 @@ class ModelCard:
     ``reference`` holds drift profiles (see :mod:`churn.drift`) of every feature and of the
     churn probability on the validation snapshot. The score that is calibrated is
     ``blend_weight`` x the booster's probability + the rest x the BTYD churn probability in
-    ``blend_column`` (none: the booster alone).
+    ``blend_column`` (none: the booster alone). ``season_prior`` is the validation
+    snapshot's :func:`churn.features.season_prior`: calibrated probabilities are moved from
+    that season to each scored row's (see :func:`shift_season`).
     """
 
     features: list[str]
@@ -47,6 +50,7 @@ class ModelCard:
     reference: dict[str, dict[str, list[float]]]
     blend_column: str | None = None
     blend_weight: float = 1.0
+    season_prior: float | None = None
 
 
 def contract_problems(
@@ -80,11 +84,25 @@ def calibrate(raw: np.ndarray, x: list[float], y: list[float]) -> np.ndarray:
     return np.clip(np.interp(raw, x, y) + TIE_BREAK * raw, 0, 1)
 
 
+def shift_season(p: np.ndarray, prior: np.ndarray, reference: float | None) -> np.ndarray:
+    """Move probabilities calibrated where the base rate a year earlier was ``reference`` to
+    rows whose base rate a year earlier was ``prior``: the log-odds shift by the difference
+    of the two priors' log-odds (a label-shift correction); rows without a prior keep theirs.
+
+    >>> shift_season(np.array([0.5, 0.5]), np.array([0.4, np.nan]), 0.5).round(4).tolist()
+    [0.4, 0.5]
+    """
+    if reference is None:
+        return p
+    shift = np.nan_to_num(special.logit(prior) - special.logit(reference))
+    return special.expit(special.logit(np.clip(p, 1e-6, 1 - 1e-6)) + shift)
+
+
 def blend(booster_p: np.ndarray, btyd_p: np.ndarray | None, weight: float) -> np.ndarray:
     """``weight`` x the booster's probability + the rest x the BTYD one; where the BTYD
     probability is missing the booster's stands alone.
 
-    >>> blend(np.array([0.2, 0.6]), np.array([0.4, np.nan]), 0.25).tolist()
+    >>> blend(np.array([0.2, 0.6]), np.array([0.4, np.nan]), 0.25).round(6).tolist()
     [0.35, 0.6]
     """
     if btyd_p is None or weight >= 1:
@@ -107,7 +125,18 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         return self.predict_proba(model_input)
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        """Calibrated churn probability of each row."""
+        """Churn probability of each row, in the season of the row's cutoff."""
+        return self.in_season(self.validation_season_proba(frame), frame)
+
+    def in_season(self, p: np.ndarray, frame: pd.DataFrame) -> np.ndarray:
+        """Move validation-season probabilities ``p`` of ``frame``'s rows to their season."""
+        if self._card.season_prior is None or "season_prior" not in frame:
+            return p
+        return shift_season(p, frame["season_prior"].to_numpy("float64"), self._card.season_prior)
+
+    def validation_season_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Churn probability of each row as calibrated on the validation snapshot, before the
+        move to the row's season: what drift checks compare with the validation profile."""
         card = self._card
         raw = self._booster.predict(self.matrix(frame), num_iteration=card.best_iteration)
         btyd_p = frame[card.blend_column].to_numpy("float64") if card.blend_column else None

@@ -42,6 +42,7 @@ from churn.features import (
     load_engagement,
     snapshot_frame,
     with_day,
+    with_season_prior,
 )
 from churn.io import InputError, atomic_text, connect, write_json, write_xlsx
 from churn.model import ChurnModel
@@ -148,7 +149,7 @@ def scoring_snapshot(
     engagement = load_engagement(con, events, families) if events else None
     spec = feature_spec(settings, engagement.families if engagement else ())
     frame, _ = snapshot_frame(customer_features(tx, as_of, settings, engagement), settings)
-    return frame, spec
+    return with_season_prior(frame, tx, settings), spec
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,15 @@ def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) ->
 # rows with their rank to Parquet, which DuckDB reads back in rank order into the CSV. Peak
 # memory is that small per-customer table plus one batch, not the snapshot.
 
-KEY_COLUMNS = ("customer_id", "cutoff", "rfm_segment", "return_rate", "spend_365d", "clv_12m")
+KEY_COLUMNS = (
+    "customer_id",
+    "cutoff",
+    "rfm_segment",
+    "return_rate",
+    "spend_365d",
+    "clv_12m",
+    "season_prior",
+)
 
 
 @dataclass
@@ -218,10 +227,12 @@ def _predict_batch(
 ) -> pd.DataFrame:
     """Probability, value and segment of one batch; its drift bin counts added to ``counts``."""
     references = model.reference
-    probability = model.predict_proba(frame)
+    # Drift compares the probability before its move to this season with the validation's.
+    calibrated = model.validation_season_proba(frame)
+    probability = model.in_season(calibrated, frame)
     for name in model.feature_names:
         counts[name] += bin_counts(references[name], frame[name].to_numpy("float64"))
-    counts["churn_probability"] += bin_counts(references["churn_probability"], probability)
+    counts["churn_probability"] += bin_counts(references["churn_probability"], calibrated)
     return pd.DataFrame(
         {
             "customer_id": frame["customer_id"].to_numpy(),

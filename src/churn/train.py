@@ -36,7 +36,7 @@ from churn.io import write_json
 from churn.model import ChurnModel, ModelCard, blend, calibrate, write_artifacts
 from churn.progress import progress
 
-NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment")
+NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment", "season_prior")
 BLEND_COLUMNS = ("bgnbd_p_no_purchase",)
 BLEND_WEIGHTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)  # on the booster
 
@@ -293,6 +293,7 @@ def build_model(
         reference=reference,
         blend_column=chosen.column,
         blend_weight=chosen.weight,
+        season_prior=_validation_prior(valid),
     )
     return Fitted(booster, card, valid, settings, chosen, trials)
 
@@ -340,6 +341,7 @@ def run(
                 "blend_column": card.blend_column or "none",
                 "blend_weight": card.blend_weight,
                 "blend_standard_error": fitted.blend.standard_error,
+                "validation_season_prior": card.season_prior,
             }
         )
         mlflow.set_tag("train_sampled", str(len(used) < len(snapshots)).lower())
@@ -418,6 +420,13 @@ def use_experiment(tracking: MlflowSettings) -> None:
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
         mlflow.create_experiment(tracking.experiment, artifact_location=location)
     mlflow.set_experiment(tracking.experiment)
+
+
+def _validation_prior(valid: pd.DataFrame) -> float | None:
+    """The validation snapshot's season prior, if the data reached back a year before it."""
+    if "season_prior" not in valid or valid["season_prior"].isna().any():
+        return None
+    return float(valid["season_prior"].iloc[0])
 
 
 def _log_trials(trials: list[dict[str, Any]]) -> None:
