@@ -37,6 +37,7 @@ from churn.model import ChurnModel, ModelCard, blend, calibrate, write_artifacts
 from churn.progress import progress
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment", "season_prior")
+TUNED = ("learning_rate", "num_leaves", "min_child_samples", "feature_fraction", "lambda_l2")
 BLEND_COLUMNS = ("bgnbd_p_no_purchase",)
 BLEND_WEIGHTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)  # on the booster
 
@@ -166,10 +167,12 @@ def tune(
     settings: TrainSettings,
     *,
     seed: int,
-) -> tuple[TrainSettings, list[dict[str, Any]]]:
+) -> tuple[TrainSettings, list[dict[str, Any]], lgb.Booster]:
     """Search LightGBM parameters for the best validation AUC in ``settings.n_trials`` Optuna
-    trials, the first being the parameters as given; return the best settings and every trial.
+    trials, the first being the parameters as given; return the best settings, every trial
+    and the best trial's booster.
     """
+    boosters: dict[int, lgb.Booster] = {}
 
     def objective(trial: optuna.Trial) -> float:
         candidate = dataclasses.replace(
@@ -182,23 +185,19 @@ def tune(
         )
         booster = fit_booster(fit, valid, features, candidate, seed=seed)
         trial.set_user_attr("best_iteration", int(booster.best_iteration))
+        boosters[trial.number] = booster
         return float(booster.best_score["valid_0"]["auc"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    study.enqueue_trial(
-        {
-            name: getattr(settings, name)
-            for name in ("learning_rate", "num_leaves", "min_child_samples")
-        }
-        | {"feature_fraction": settings.feature_fraction, "lambda_l2": settings.lambda_l2}
-    )
+    study.enqueue_trial({name: getattr(settings, name) for name in TUNED})
     study.optimize(objective, n_trials=settings.n_trials)
     trials = [
         {"number": t.number, "validation_auc": t.value, **t.params, **t.user_attrs}
         for t in study.trials
     ]
-    return dataclasses.replace(settings, **study.best_params), trials
+    best = dataclasses.replace(settings, **study.best_params)
+    return best, trials, boosters[study.best_trial.number]
 
 
 def choose_blend(booster_p: np.ndarray, valid: pd.DataFrame, *, seed: int) -> Blend:
@@ -270,8 +269,9 @@ def build_model(
     features = feature_columns(snapshots)
     trials: list[dict[str, Any]] = []
     if settings.n_trials:
-        settings, trials = tune(fit, valid, features, settings, seed=seed)
-    booster = fit_booster(fit, valid, features, settings, seed=seed)
+        settings, trials, booster = tune(fit, valid, features, settings, seed=seed)
+    else:
+        booster = fit_booster(fit, valid, features, settings, seed=seed)
     booster_p = booster.predict(
         valid[features].astype("float64"), num_iteration=booster.best_iteration
     )
