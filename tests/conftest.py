@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +157,29 @@ def pipeline(tmp_path_factory) -> Iterator[TrainedPipeline]:
         evaluated.promoted,
     )
     mlflow.set_tracking_uri(previous)
+
+
+def snapshot_aucs(
+    features_dir: Path, settings: Settings, model_dir: Path
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Train a model on the snapshots in ``features_dir`` (no tracking store), score its test
+    snapshot, and return that snapshot with the ROC-AUC of the model and both BTYD models."""
+    from types import SimpleNamespace
+
+    from sklearn.metrics import roc_auc_score
+
+    from churn import evaluate, train
+    from churn.features import LABEL
+    from churn.model import ChurnModel, write_artifacts
+
+    snapshots = pd.read_parquet(features_dir / "train.parquet")
+    spec = json.loads((features_dir / "spec.json").read_text())
+    fitted = train.build_model(snapshots, settings.train, spec, seed=settings.seed)
+    model = ChurnModel()
+    model.load_context(
+        SimpleNamespace(artifacts=write_artifacts(fitted.booster, fitted.card, model_dir))
+    )
+    test = pd.read_parquet(features_dir / "test.parquet")
+    horizon = settings.features.horizon_days
+    scorers = {"model": model.predict_proba(test), **evaluate.btyd_probabilities(test, horizon)}
+    return test, {name: roc_auc_score(test[LABEL], p) for name, p in scorers.items()}

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import yaml
-from sklearn.metrics import roc_auc_score
 
-from churn import evaluate, features, ingest, train
+from churn import features, ingest
 from churn.config import load_settings
-from churn.features import LABEL
-from churn.model import ChurnModel, write_artifacts
-from tests.conftest import ROOT, needs_shared, project_params
+from tests.conftest import ROOT, needs_shared, project_params, snapshot_aucs
 
 CDNOW = ROOT / "examples" / "cdnow" / "params.yaml"
 
@@ -51,14 +45,6 @@ def test_cdnow_example_beats_both_btyd_models(tmp_path: Path):
     assert summary.rows_kept + summary.rows_rejected + summary.duplicates_removed == 69_659
     assert summary.customers == 23_570
     features.run(settings.features, paths)
-    snapshots = pd.read_parquet(paths.features / "train.parquet")
-    spec = json.loads((paths.features / "spec.json").read_text())
-    fitted = train.build_model(snapshots, settings.train, spec, seed=settings.seed)
-    model = ChurnModel()
-    artifacts = write_artifacts(fitted.booster, fitted.card, tmp_path / "model")
-    model.load_context(SimpleNamespace(artifacts=artifacts))
-    test = pd.read_parquet(paths.features / "test.parquet")
+    test, auc = snapshot_aucs(paths.features, settings, tmp_path / "model")
     assert str(test["cutoff"].iloc[0]) == "1997-10-01"
-    scorers = {"model": model.predict_proba(test), **evaluate.btyd_probabilities(test, 91)}
-    auc = {name: roc_auc_score(test[LABEL], p) for name, p in scorers.items()}
     assert auc["model"] > max(auc["bgnbd"], auc["pareto_nbd"])

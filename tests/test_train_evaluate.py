@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -16,7 +15,8 @@ from churn import evaluate, features, train
 from churn.config import GateSettings, TrainSettings
 from churn.evaluate import gate_decision
 from churn.features import LABEL
-from churn.model import ChurnModel, load_model, write_artifacts
+from churn.model import load_model
+from tests.conftest import snapshot_aucs
 
 
 def test_metrics_json_shape_and_model_beats_recency(pipeline):
@@ -183,15 +183,7 @@ def test_small_data_model_does_not_lose_to_btyd(pipeline, tmp_path):
     )
     transactions[transactions["customer_id"].isin(picked)].to_parquet(paths.transactions)
     features.run(s.features, paths)
-    snapshots = pd.read_parquet(paths.features / "train.parquet")
-    spec = json.loads((paths.features / "spec.json").read_text())
-    fitted = train.build_model(snapshots, s.train, spec, seed=s.seed)
-    model = ChurnModel()
-    artifacts = write_artifacts(fitted.booster, fitted.card, tmp_path / "model")
-    model.load_context(SimpleNamespace(artifacts=artifacts))
-    test = pd.read_parquet(paths.features / "test.parquet")
-    scorers = {"model": model.predict_proba(test), **evaluate.btyd_probabilities(test, 90)}
-    auc = {name: roc_auc_score(test[LABEL], p) for name, p in scorers.items()}
+    test, auc = snapshot_aucs(paths.features, s, tmp_path / "model")
     assert len(test) < 600
     assert auc["model"] >= auc["bgnbd"]
 
