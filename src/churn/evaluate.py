@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from churn import btyd
 from churn.config import EvaluateSettings, GateSettings, MlflowSettings, Paths
-from churn.features import LABEL
+from churn.features import LABEL, btyd_inputs
 from churn.io import write_csv, write_json
 from churn.metrics import (
     GRID,
@@ -66,9 +66,7 @@ def btyd_probabilities(test: pd.DataFrame, horizon_days: int) -> dict[str, np.nd
     cutoff (x = purchase days - 1, t_x and T in weeks), which the snapshot holds; the churn
     probability they imply is P(no purchase), not P(alive).
     """
-    x = test["purchase_days"].to_numpy("float64") - 1
-    t_x = (test["tenure_days"] - test["recency_days"]).to_numpy("float64") / 7
-    age = test["tenure_days"].to_numpy("float64") / 7
+    x, t_x, age = btyd_inputs(test)
     horizon = horizon_days / 7
     bgnbd = btyd.fit_bgnbd(x, t_x, age)
     pareto = btyd.fit_pareto_nbd(x, t_x, age)

@@ -303,17 +303,19 @@ def churn_labels(tx: ir.Table, cutoff: date, horizon_days: int) -> ir.Table:
     return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
 
 
-def season_prior(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> float | None:
+def season_prior(
+    tx: ir.Table, cutoff: date, settings: FeatureSettings, *, first_day: int
+) -> float | None:
     """The churn rate a year before ``cutoff``: customers active at ``cutoff - 365`` days who
     made no purchase in the horizon after it, all observed before ``cutoff``.
 
     It is the base rate of the same season, for the model to move its probabilities from
-    the validation snapshot's season to this one's; None when the data do not reach back a
-    year (or the horizon is longer than one).
+    the validation snapshot's season to this one's. None when the day a year before
+    ``cutoff`` is not after ``first_day`` (the day number of the first transaction), or when
+    the horizon is longer than a year.
     """
     previous = cutoff - timedelta(days=365)
-    first = tx.day.min().execute()
-    if settings.horizon_days > 365 or first is None or day_number(previous) <= first:
+    if settings.horizon_days > 365 or day_number(previous) <= first_day:
         return None
     orders = purchase_orders(tx, previous)
     active = orders.filter(orders.day >= day_number(previous) - settings.active_lookback_days)
@@ -325,7 +327,10 @@ def season_prior(tx: ir.Table, cutoff: date, settings: FeatureSettings) -> float
 
 def with_season_prior(frame: pd.DataFrame, tx: ir.Table, settings: FeatureSettings) -> pd.DataFrame:
     """Add ``season_prior`` (:func:`season_prior` of each row's cutoff; NaN when unknown)."""
-    priors = {c: season_prior(tx, c, settings) for c in frame["cutoff"].unique()}
+    first_day = tx.day.min().execute()
+    priors = {
+        c: season_prior(tx, c, settings, first_day=first_day) for c in frame["cutoff"].unique()
+    }
     return frame.assign(season_prior=frame["cutoff"].map(priors).astype("float64").round(9))
 
 
