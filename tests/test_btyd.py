@@ -155,12 +155,15 @@ def _bgnbd_expected_reference(params: BGNBDParams, x: float, T: float, horizon: 
     r, alpha, a, b = params.as_tuple()
     k = horizon / (alpha + T)
 
+    log_norm = special.betaln(a, b + x)
+
     def integrand(p: float) -> float:
         given_p = -math.expm1(-(r + x) * math.log1p(p * k)) / p
-        return given_p * math.exp((a - 1) * math.log(p) + (b + x - 1) * math.log1p(-p))
+        return given_p * math.exp((a - 1) * math.log(p) + (b + x - 1) * math.log1p(-p) - log_norm)
 
-    value, _ = integrate.quad(integrand, 0.0, 1.0, epsabs=0, epsrel=1e-11, limit=500)
-    return value / math.exp(special.betaln(a, b + x))
+    mean = a / (a + b + x)  # a break point: the density may be a narrow spike there
+    value, _ = integrate.quad(integrand, 0.0, 1.0, points=[mean], epsabs=0, epsrel=1e-11, limit=500)
+    return value
 
 
 # --------------------------------------------------------------------------- RFM summary
@@ -383,8 +386,19 @@ def test_predictions_are_finite_and_in_range_at_the_edges(model: str, params: ob
         (BGNBD, 25, 38.9, 52.0),
         (BGNBDParams(r=0.5, alpha=3.0, a=1.0, b=2.0), 3, 20.0, 10.0),  # a = 1: quadrature
         (BGNBDParams(r=2.0, alpha=1.0, a=3.0, b=0.5), 1, 0.5, 400.0),
+        # a steady dropout rate (huge a and b): scipy's 2F1 fails, so quadrature
+        (BGNBDParams(r=1.8, alpha=10.1, a=22852.8, b=970096.9), 12, 150.0, 52.0),
+        (BGNBDParams(r=1.0, alpha=2.0, a=12.0, b=0.7), 0, 1.0, 400.0),  # Gauss-Jacobi, b < 1
     ],
-    ids=["cdnow", "long-horizon", "many-purchases", "a=1", "a>1-long"],
+    ids=[
+        "cdnow",
+        "long-horizon",
+        "many-purchases",
+        "a=1",
+        "a>1-long",
+        "steady-dropout",
+        "large-a-small-b",
+    ],
 )
 def test_bgnbd_expected_purchases_against_quad(
     params: BGNBDParams,

@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
-from scipy import optimize, special
+from scipy import linalg, optimize, special
 
 from churn import ChurnError
 
@@ -43,6 +43,8 @@ _LOG_BOUND = float(np.log(1e6))
 # integrals behind them are computed by tanh-sinh quadrature instead.
 _HYP2F1_Z_MAX = 0.9
 _NEAR_POLE = 1e-3
+_GAUSS_JACOBI_MIN_A = 10.0  # BG/NBD a from which E[f(p)] uses Gauss-Jacobi nodes
+_QUADRATURE_ROWS = 4096  # customers per quadrature batch: ~50 MB per rows x nodes array
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,22 @@ def _log_bgnbd_purchases_given_p(log_p: FloatArray, m: FloatArray, log_k: FloatA
     return np.where(tiny, np.log(m) + log_k, exact)
 
 
+def _beta_gauss_rule(a: float, b: float, n: int = 32) -> tuple[FloatArray, FloatArray]:
+    """Gauss nodes ``p`` and weights for E[f(p)], p ~ Beta(a, b): Golub-Welsch on the Jacobi
+    recurrence, with weights normalised to sum to one, so no Beta function is evaluated and
+    huge ``a`` and ``b`` stay finite."""
+    alpha, beta = b - 1.0, a - 1.0  # Jacobi weight (1 - t)^alpha (1 + t)^beta, p = (1 + t) / 2
+    k = np.arange(1.0, n)
+    s = 2.0 * k + alpha + beta
+    diagonal = np.empty(n)
+    diagonal[0] = (beta - alpha) / (alpha + beta + 2.0)
+    diagonal[1:] = (beta - alpha) * (beta + alpha) / (s * (s + 2.0))
+    off = 2.0 / s * np.sqrt(k * (k + alpha) * (k + beta) * (k + alpha + beta) / ((s + 1) * (s - 1)))
+    t, vectors = linalg.eigh_tridiagonal(diagonal, off)
+    weight = vectors[0] ** 2
+    return (1.0 + t) / 2.0, weight / weight.sum()
+
+
 def _bgnbd_expected_quadrature(
     r: float,
     alpha: float,
@@ -366,10 +384,19 @@ def _bgnbd_expected_quadrature(
     horizon: FloatArray,
 ) -> FloatArray:
     """The same as E_p[(1 - (1 + p k)^-(r + x)) / p], p ~ Beta(a, b + x), k = horizon /
-    (alpha + T), by tanh-sinh quadrature."""
+    (alpha + T), by tanh-sinh quadrature; by Gauss-Jacobi when ``a`` is large, where the
+    Beta density is a spike that tanh-sinh nodes do not resolve."""
     m = (r + x)[..., None]
     with np.errstate(divide="ignore"):  # horizon 0: log k = -inf, the expectation is 0
         log_k = np.log(horizon / (alpha + T))[..., None]
+    if a >= _GAUSS_JACOBI_MIN_A:
+        out = np.empty(x.shape)
+        for b_x in np.unique(b + x):
+            rows = b + x == b_x
+            p, weight = _beta_gauss_rule(a, b_x)
+            given_p = _log_bgnbd_purchases_given_p(np.log(p), m[rows], log_k[rows])
+            out[rows] = np.exp(given_p) @ weight
+        return out
     log_terms = [
         special.logsumexp(
             _log_bgnbd_purchases_given_p(log_p, m, log_k) + log_density + log_weight, axis=-1
@@ -389,8 +416,11 @@ def _bgnbd_expected_given_alive(
     horizon: FloatArray,
 ) -> FloatArray:
     """Closed form where scipy's 2F1 is reliable (z <= 0.9, away from the 0/0 points a = 1
-    and c = 0); quadrature elsewhere, and wherever the closed form is not finite."""
+    and c = 0); quadrature elsewhere, and wherever the closed form is not finite, once per
+    distinct (x, T, horizon)."""
     x, T, horizon = np.broadcast_arrays(x, T, horizon)  # noqa: N806
+    shape = x.shape
+    x, T, horizon = x.ravel(), T.ravel(), horizon.ravel()  # noqa: N806
     c = a + b + x - 1.0
     z_ok = horizon * (1.0 - _HYP2F1_Z_MAX) <= _HYP2F1_Z_MAX * (alpha + T)
     easy = z_ok & (abs(a - 1.0) >= _NEAR_POLE) & (np.abs(c) >= _NEAR_POLE)
@@ -399,8 +429,17 @@ def _bgnbd_expected_given_alive(
     with np.errstate(all="ignore"):
         out[easy] = _bgnbd_expected_closed_form(*args, x[easy], T[easy], horizon[easy])
     redo = ~easy | ~np.isfinite(out)
-    out[redo] = _bgnbd_expected_quadrature(*args, x[redo], T[redo], horizon[redo])
-    return out
+    if redo.any():
+        distinct, inverse = np.unique(
+            np.stack([x[redo], T[redo], horizon[redo]], axis=1), axis=0, return_inverse=True
+        )
+        done = np.empty(len(distinct))
+        # The quadrature holds rows x nodes arrays: a bounded number of rows at a time.
+        for start in range(0, len(distinct), _QUADRATURE_ROWS):
+            rows = slice(start, start + _QUADRATURE_ROWS)
+            done[rows] = _bgnbd_expected_quadrature(*args, *distinct[rows].T)
+        out[redo] = done[inverse.ravel()]
+    return out.reshape(shape)
 
 
 def bgnbd_expected_purchases(
