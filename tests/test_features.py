@@ -14,6 +14,7 @@ from churn.features import (
     SnapshotError,
     btyd_features,
     customer_features,
+    history,
     labelled_snapshot,
     plan_snapshots,
     rfm_scores,
@@ -31,7 +32,9 @@ SETTINGS = FeatureSettings(horizon_days=30, windows_days=(30, 90))
 def _snapshot(frame: pd.DataFrame, cutoff: date = CUTOFF) -> pd.DataFrame:
     con = ibis.duckdb.connect()
     table = with_day(con.create_table("tx", frame))
-    frame, _ = snapshot_frame(labelled_snapshot(table, cutoff, SETTINGS), SETTINGS)
+    frame, _ = snapshot_frame(
+        labelled_snapshot(history(table, SETTINGS), cutoff, SETTINGS), SETTINGS
+    )
     return frame.set_index("customer_id")
 
 
@@ -116,13 +119,14 @@ def test_label_window_is_half_open(tiny_tx):
     table = with_day(con.create_table("tx", tiny_tx))
     for horizon, churned in ((10, 0), (9, 1)):
         settings = FeatureSettings(horizon_days=horizon, windows_days=(30,))
-        snap = labelled_snapshot(table, CUTOFF, settings).to_pandas().set_index("customer_id")
+        past = history(table, settings)
+        snap = labelled_snapshot(past, CUTOFF, settings).to_pandas().set_index("customer_id")
         assert snap.loc["A", "churned"] == churned
 
 
 def test_scoring_snapshot_has_no_label(tiny_tx):
     table = with_day(ibis.duckdb.connect().create_table("tx", tiny_tx))
-    assert "churned" not in customer_features(table, CUTOFF, SETTINGS).columns
+    assert "churned" not in customer_features(history(table, SETTINGS), CUTOFF, SETTINGS).columns
 
 
 @pytest.mark.parametrize(
@@ -212,7 +216,7 @@ def test_hand_computed_engagement_features(tiny_tx):
         events=with_day(con.create_table("ev", events)), families=("visit", "nps", "complaint")
     )
     table = with_day(con.create_table("tx", tiny_tx))
-    snap = customer_features(table, CUTOFF, SETTINGS, engagement).to_pandas()
+    snap = customer_features(history(table, SETTINGS, engagement), CUTOFF, SETTINGS).to_pandas()
     a, b = snap.set_index("customer_id").loc["A"], snap.set_index("customer_id").loc["B"]
     # A: visits 7 and 50 days before the cutoff; NPS 9 then 5 (the 10 is after the cutoff).
     assert (a["visit_30d"], a["visit_90d"], a["nps_30d"]) == (1, 2, 2)
@@ -243,7 +247,8 @@ def test_customers_without_events_count_zero_events(tiny_tx):
     con = ibis.duckdb.connect()
     engagement = Engagement(events=with_day(con.create_table("ev", events)), families=("visit",))
     table = with_day(con.create_table("tx", tiny_tx))
-    snap, _ = snapshot_frame(customer_features(table, CUTOFF, SETTINGS, engagement), SETTINGS)
+    past = history(table, SETTINGS, engagement)
+    snap, _ = snapshot_frame(customer_features(past, CUTOFF, SETTINGS), SETTINGS)
     b = snap.set_index("customer_id").loc["B"]
     assert (b["visit_30d"], b["visit_90d"]) == (0, 0)
     assert np.isnan(b["days_since_engagement"])
@@ -290,7 +295,7 @@ def test_no_channel_column_no_channel_feature(tiny_tx, make_settings):
 def _snapshot_with(frame: pd.DataFrame, settings: FeatureSettings) -> pd.DataFrame:
     con = ibis.duckdb.connect()
     table = with_day(con.create_table("tx", frame))
-    return customer_features(table, CUTOFF, settings).to_pandas()
+    return customer_features(history(table, settings), CUTOFF, settings).to_pandas()
 
 
 def test_clv_falls_back_to_yearly_spend_net_of_returns_without_enough_buyers():
@@ -355,7 +360,8 @@ def test_season_prior_is_the_churn_rate_a_year_earlier(tiny_tx):
     # last order is two years old and D's is on the day itself; A buys again on 2021-04-10,
     # B does not within 30 days: half of them churned.
     first = table.day.min().execute()
-    assert season_prior(table, date(2022, 4, 1), SETTINGS, first_day=first) == 0.5
+    past = history(table, SETTINGS)
+    assert season_prior(past, date(2022, 4, 1), SETTINGS, first_day=first) == 0.5
     # Nobody active a year before; a year before lies before the data.
-    assert season_prior(table, date(2021, 4, 1), SETTINGS, first_day=first) is None
-    assert season_prior(table, date(2019, 6, 1), SETTINGS, first_day=first) is None
+    assert season_prior(past, date(2021, 4, 1), SETTINGS, first_day=first) is None
+    assert season_prior(past, date(2019, 6, 1), SETTINGS, first_day=first) is None

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from churn import ingest
 from churn.config import FeatureSettings
-from churn.features import customer_features, with_day
+from churn.features import customer_features, history, with_day
 from tests.conftest import tx
 
 START = datetime(2021, 1, 1)
@@ -40,7 +40,7 @@ def _table(rows) -> pd.DataFrame:
 
 def _features(frame: pd.DataFrame) -> pd.DataFrame:
     table = with_day(ibis.duckdb.connect().create_table("t", frame))
-    out = customer_features(table, CUTOFF, SETTINGS).to_pandas()
+    out = customer_features(history(table, SETTINGS), CUTOFF, SETTINGS).to_pandas()
     return out.drop(columns="cutoff").sort_values("customer_id").reset_index(drop=True)
 
 

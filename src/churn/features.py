@@ -25,7 +25,7 @@ from ibis.expr import types as ir
 
 from churn import ChurnError, btyd
 from churn.config import Engine, FeatureSettings, Paths
-from churn.io import connect, write_json, write_parquet
+from churn.io import connect, materialise, write_json, write_parquet
 from churn.progress import progress
 
 EPOCH = date(1970, 1, 1)
@@ -102,28 +102,112 @@ def plan_snapshots(first_day: date, last_day: date, settings: FeatureSettings) -
     return SnapshotPlan(train=train, test=test, as_of=as_of)
 
 
+@dataclass(frozen=True)
+class Engagement:
+    """Canonical engagement events (with ``day``) and the families to count."""
+
+    events: ir.Table
+    families: tuple[str, ...]
+
+
 def with_day(tx: ir.Table) -> ir.Table:
     """Add ``day``: whole days since the epoch of each line's timestamp."""
     return tx.mutate(day=(tx.ts.epoch_seconds() // 86400).cast("int64"))
 
 
-def purchase_orders(tx: ir.Table, cutoff: date) -> ir.Table:
-    """One row per purchase order placed before ``cutoff``: customer, order, day, value and
-    distinct products (the basket size)."""
-    lines = tx.filter(tx.day < day_number(cutoff), ~tx.is_return)
-    orders = lines.group_by("customer_id", "order_id").agg(
-        day=lines.day.min(),
-        value=lines.amount.sum(),
-        products=lines.product_id.nunique(),
+@dataclass(frozen=True)
+class History:
+    """Summaries of the canonical lines that do not depend on a cutoff, computed once; a
+    feature at a cutoff aggregates their rows dated before it.
+
+    Orders are summarised whole, with their first and last day. The lines of the few orders
+    that span several days are kept as well: at a cutoff inside such an order, only its
+    lines before the cutoff count.
+    """
+
+    orders: ir.Table  # purchase orders: first and last day, value, products (, online)
+    open_lines: ir.Table  # the purchase lines of orders spanning days, with their last day
+    line_days: ir.Table  # per customer and day: return value, units, prices, any purchase
+    first_products: ir.Table  # the day each customer first bought each product
+    return_orders: ir.Table  # the day of each return order's first line
+    engagement: Engagement | None = None
+
+
+def _order_summary(bought: ir.Table) -> dict[str, ir.Value]:
+    """An order's first day, value, distinct products and (when lines have it) ``online``."""
+    summary = {
+        "day": bought.day.min(),
+        "value": bought.amount.sum(),
+        "products": bought.product_id.nunique(),
+    }
+    if "online" in bought.columns:
+        summary["online"] = bought.online.any()
+    return summary
+
+
+def history(
+    lines: ir.Table, settings: FeatureSettings, engagement: Engagement | None = None
+) -> History:
+    """Summarise canonical ``lines`` (with :func:`with_day`) into a :class:`History`, each
+    table materialised in the lines' engine. With ``settings.online_channels`` a purchase
+    line is ``online`` when its channel is one of them (any case, trimmed)."""
+    con = lines.get_backend()
+    bought = lines.filter(~lines.is_return)
+    if settings.online_channels:
+        wanted = [c.strip().lower() for c in settings.online_channels]
+        bought = bought.mutate(online=bought.channel.strip().lower().isin(wanted).fill_null(False))
+    orders = bought.group_by("customer_id", "order_id").agg(
+        **_order_summary(bought), last_day=bought.day.max()
     )
-    return orders.filter(orders.value > 0)
+    orders = materialise(con, ibis.util.gen_name("orders"), orders)
+    spanning = orders.filter(orders.day < orders.last_day).select(
+        "customer_id", "order_id", "last_day"
+    )
+    open_lines = bought.inner_join(spanning, ["customer_id", "order_id"])
+    returned = lines.is_return
+    purchase = ~returned & (lines.quantity > 0)
+    line_days = lines.group_by("customer_id", "day").agg(
+        returned_value=ibis.cases((returned, -lines.amount), else_=0.0).sum(),
+        returns=returned.cast("int64").sum(),
+        bought_lines=purchase.cast("int64").sum(),
+        bought_units=ibis.cases((purchase, lines.quantity), else_=0).sum(),
+        unit_price_sum=ibis.cases((purchase, lines.amount / lines.quantity), else_=0.0).sum(),
+        purchased=(~returned & (lines.amount > 0)).any(),
+    )
+    products = bought.filter(bought.product_id.notnull())
+    first_products = products.group_by("customer_id", "product_id").agg(day=products.day.min())
+    returns = lines.filter(returned)
+    return_orders = returns.group_by("customer_id", "order_id").agg(day=returns.day.min())
+    tables = {
+        "open_lines": open_lines,
+        "line_days": line_days,
+        "first_products": first_products,
+        "return_orders": return_orders,
+    }
+    kept = {name: materialise(con, ibis.util.gen_name(name), t) for name, t in tables.items()}
+    return History(orders=orders, **kept, engagement=engagement)
+
+
+def purchase_orders(history: History, cutoff: date) -> ir.Table:
+    """One row per purchase order with lines before ``cutoff`` of positive value: customer,
+    order, the day of its first line, and the value, distinct products (the basket size)
+    and ``online`` flag of its lines before the cutoff."""
+    c = day_number(cutoff)
+    orders = history.orders
+    whole = orders.filter(orders.last_day < c).drop("last_day")
+    lines = history.open_lines
+    lines = lines.filter(lines.day < c, lines.last_day >= c)
+    part = lines.group_by("customer_id", "order_id").agg(**_order_summary(lines))
+    both = ibis.union(whole, part)
+    return both.filter(both.value > 0)
 
 
 def order_features(
     orders: ir.Table, cutoff: date, windows: tuple[int, ...], horizon_days: int
 ) -> ir.Table:
-    """Recency, tenure, frequency, monetary, windowed counts/spend, basket size, activity and
-    seasonality per customer.
+    """Recency, tenure, frequency, monetary, windowed counts/spend, basket size,
+    seasonality and (when orders have ``online``) channel mix per customer from
+    :func:`purchase_orders` at ``cutoff``.
 
     The seasonal window is ``[cutoff - 365, cutoff - 365 + horizon)``; ``season_order_share``
     is the share of all past orders placed in the coming ``horizon`` days of the calendar
@@ -135,6 +219,8 @@ def order_features(
         inside = orders.day >= c - w
         windowed[f"orders_{w}d"] = inside.cast("int64").sum()
         windowed[f"spend_{w}d"] = ibis.cases((inside, orders.value), else_=0.0).sum()
+    if "online" in orders.columns:
+        windowed["online_order_share"] = orders.online.cast("float64").mean()
     previous = (orders.day >= c - 2 * TREND_DAYS) & (orders.day < c - TREND_DAYS)
     recent = orders.day >= c - TREND_DAYS
     # Seasonality: what the customer did in the window a year before the label window.
@@ -146,7 +232,6 @@ def order_features(
         recency_days=c - orders.day.max(),
         tenure_days=c - orders.day.min(),
         frequency=orders.count(),
-        purchase_days=orders.day.nunique(),
         monetary=orders.value.sum(),
         mean_order_value=orders.value.mean(),
         _orders_recent=recent.cast("int64").sum(),
@@ -157,7 +242,6 @@ def order_features(
         spend_same_window_last_year=ibis.cases((last_year, orders.value), else_=0.0).sum(),
         _spend_year=ibis.cases((year, orders.value), else_=0.0).sum(),
         season_order_share=in_season.cast("float64").mean(),
-        active_months_365d=((c - orders.day) // 30).nunique(where=year),
         mean_basket_products=orders.products.mean(),
         _products_recent=orders.products.mean(where=recent),
         _products_before=orders.products.mean(where=~recent),
@@ -174,60 +258,49 @@ def order_features(
     ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
-def gap_features(orders: ir.Table, cutoff: date) -> ir.Table:
-    """Mean, spread, latest and longest recent gap (days) between a customer's purchase days."""
+def purchase_day_features(orders: ir.Table, cutoff: date) -> ir.Table:
+    """Purchase days, active months in the last year, and the mean, spread, latest and
+    longest recent gap (days) between purchase days, from the orders before ``cutoff``."""
+    c = day_number(cutoff)
     days = orders.select("customer_id", "day").distinct()
-    gaps = days.mutate(
+    days = days.mutate(
         gap=days.day - days.day.lag().over(group_by=days.customer_id, order_by=days.day)
     )
-    gaps = gaps.filter(gaps.gap.notnull())
-    return gaps.group_by("customer_id").agg(
-        gap_mean_days=gaps.gap.mean(),
-        gap_std_days=gaps.gap.std(how="pop"),
-        last_gap_days=gaps.gap.argmax(gaps.day),
-        max_gap_365d=gaps.gap.max(where=gaps.day >= day_number(cutoff) - 365),
+    year = days.day >= c - 365
+    return days.group_by("customer_id").agg(
+        purchase_days=days.count(),
+        active_months_365d=((c - days.day) // 30).nunique(where=year),
+        gap_mean_days=days.gap.mean(),
+        gap_std_days=days.gap.std(how="pop"),
+        last_gap_days=days.gap.argmax(days.day),
+        max_gap_365d=days.gap.max(where=year),
     )
 
 
-def line_features(tx: ir.Table, cutoff: date) -> ir.Table:
+def line_features(history: History, cutoff: date) -> ir.Table:
     """Returns, product breadth, units per line and unit price from the lines before
     ``cutoff``."""
     c = day_number(cutoff)
-    lines = tx.filter(tx.day < c)
-    returned = lines.is_return
-    bought = ~returned & (lines.quantity > 0)
-    return lines.group_by("customer_id").agg(
-        returned_value=ibis.cases((returned, -lines.amount), else_=0.0).sum(),
-        return_orders=lines.order_id.nunique(where=returned),
-        days_since_return=c - lines.day.max(where=returned),
-        distinct_products=lines.product_id.nunique(where=~returned),
-        mean_units_per_line=lines.quantity.mean(where=bought),
-        mean_unit_price=(lines.amount / lines.quantity).mean(where=bought),
+    days = history.line_days.filter(history.line_days.day < c)
+    agg = days.group_by("customer_id").agg(
+        returned_value=days.returned_value.sum(),
+        days_since_return=c - days.day.max(where=days.returns > 0),
+        _lines=days.bought_lines.sum(),
+        _units=days.bought_units.sum(),
+        _prices=days.unit_price_sum.sum(),
     )
-
-
-def channel_features(tx: ir.Table, cutoff: date, online_channels: tuple[str, ...]) -> ir.Table:
-    """``online_order_share``: the share of a customer's purchase orders before ``cutoff``
-    with a line whose channel is one of ``online_channels`` (any case, trimmed); orders
-    without a channel count as not online."""
-    lines = tx.filter(tx.day < day_number(cutoff), ~tx.is_return)
-    wanted = [c.strip().lower() for c in online_channels]
-    online = lines.channel.strip().lower().isin(wanted).fill_null(False)
-    orders = lines.group_by("customer_id", "order_id").agg(
-        online=online.any(), value=lines.amount.sum()
+    bought = agg._lines.nullif(0).cast("float64")
+    agg = agg.mutate(mean_units_per_line=agg._units / bought, mean_unit_price=agg._prices / bought)
+    products = history.first_products.filter(history.first_products.day < c)
+    products = products.group_by("customer_id").agg(distinct_products=products.count())
+    returns = history.return_orders.filter(history.return_orders.day < c)
+    returns = returns.group_by("customer_id").agg(return_orders=returns.count())
+    joined = agg.drop("_lines", "_units", "_prices").left_join(products, "customer_id")
+    joined = joined.drop("customer_id_right").left_join(returns, "customer_id")
+    return joined.drop("customer_id_right").mutate(
+        distinct_products=joined.distinct_products.fill_null(0),
+        return_orders=joined.return_orders.fill_null(0),
     )
-    orders = orders.filter(orders.value > 0)  # the orders purchase_orders counts
-    return orders.group_by("customer_id").agg(
-        online_order_share=orders.online.cast("float64").mean()
-    )
-
-
-@dataclass(frozen=True)
-class Engagement:
-    """Canonical engagement events (with ``day``) and the families to count."""
-
-    events: ir.Table
-    families: tuple[str, ...]
 
 
 def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
@@ -265,26 +338,23 @@ def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
     return agg.drop("_recent", "_previous")
 
 
-def customer_features(
-    tx: ir.Table, cutoff: date, settings: FeatureSettings, engagement: Engagement | None = None
-) -> ir.Table:
+def customer_features(history: History, cutoff: date, settings: FeatureSettings) -> ir.Table:
     """All per-customer features at ``cutoff`` for customers active in the lookback window."""
-    orders = purchase_orders(tx, cutoff)
+    orders = purchase_orders(history, cutoff)
     base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
-    joined = base.left_join(gap_features(orders, cutoff), "customer_id").drop("customer_id_right")
-    joined = joined.left_join(line_features(tx, cutoff), "customer_id").drop("customer_id_right")
-    if engagement is not None:
-        joined = joined.left_join(engagement_features(engagement, cutoff), "customer_id").drop(
-            "customer_id_right"
-        )
+    parts = [purchase_day_features(orders, cutoff), line_features(history, cutoff)]
+    if history.engagement is not None:
+        parts.append(engagement_features(history.engagement, cutoff))
+    joined = base
+    for part in parts:
+        joined = joined.left_join(part, "customer_id").drop("customer_id_right")
+    if history.engagement is not None:
         # No events before the cutoff is a count of zero, not an unknown one (a null count
         # would also reach pandas as an object column, which the model skips).
-        counts = [f"{f}_{w}d" for f in engagement.families for w in ENGAGEMENT_WINDOWS]
+        families = history.engagement.families
+        counts = [f"{f}_{w}d" for f in families for w in ENGAGEMENT_WINDOWS]
         joined = joined.mutate(**{c: joined[c].fill_null(0) for c in counts})
-    if settings.online_channels:
-        channels = channel_features(tx, cutoff, settings.online_channels)
-        joined = joined.left_join(channels, "customer_id").drop("customer_id_right")
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         gap_cv=joined.gap_std_days / joined.gap_mean_days,
@@ -296,15 +366,16 @@ def customer_features(
     )
 
 
-def churn_labels(tx: ir.Table, cutoff: date, horizon_days: int) -> ir.Table:
-    """Customers with a purchase in ``[cutoff, cutoff + horizon)``, flagged ``churned = 0``."""
+def churn_labels(history: History, cutoff: date, horizon_days: int) -> ir.Table:
+    """Customers with a purchase in ``[cutoff, cutoff + horizon)``, flagged ``bought = 1``."""
     c = day_number(cutoff)
-    future = tx.filter(tx.day >= c, tx.day < c + horizon_days, ~tx.is_return, tx.amount > 0)
+    days = history.line_days
+    future = days.filter(days.day >= c, days.day < c + horizon_days, days.purchased)
     return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
 
 
 def season_prior(
-    tx: ir.Table, cutoff: date, settings: FeatureSettings, *, first_day: int
+    history: History, cutoff: date, settings: FeatureSettings, *, first_day: int
 ) -> float | None:
     """The churn rate a year before ``cutoff``: customers active at ``cutoff - 365`` days who
     made no purchase in the horizon after it, all observed before ``cutoff``.
@@ -314,32 +385,33 @@ def season_prior(
     ``cutoff`` is not after ``first_day`` (the day number of the first transaction), or when
     the horizon is longer than a year.
     """
-    previous = cutoff - timedelta(days=365)
-    if settings.horizon_days > 365 or day_number(previous) <= first_day:
+    previous = day_number(cutoff - timedelta(days=365))
+    if settings.horizon_days > 365 or previous <= first_day:
         return None
-    orders = purchase_orders(tx, previous)
-    active = orders.filter(orders.day >= day_number(previous) - settings.active_lookback_days)
+    orders = purchase_orders(history, cutoff - timedelta(days=365))
+    active = orders.filter(orders.day >= previous - settings.active_lookback_days)
     active = active.select("customer_id").distinct()
-    labelled = active.left_join(churn_labels(tx, previous, settings.horizon_days), "customer_id")
+    labels = churn_labels(history, cutoff - timedelta(days=365), settings.horizon_days)
+    labelled = active.left_join(labels, "customer_id")
     rate = labelled.bought.isnull().cast("float64").mean().execute()
     return float(rate) if rate is not None and 0 < rate < 1 else None
 
 
-def with_season_prior(frame: pd.DataFrame, tx: ir.Table, settings: FeatureSettings) -> pd.DataFrame:
+def with_season_prior(
+    frame: pd.DataFrame, history: History, settings: FeatureSettings
+) -> pd.DataFrame:
     """Add ``season_prior`` (:func:`season_prior` of each row's cutoff; NaN when unknown)."""
-    first_day = tx.day.min().execute()
+    first_day = history.line_days.day.min().execute()
     priors = {
-        c: season_prior(tx, c, settings, first_day=first_day) for c in frame["cutoff"].unique()
+        c: season_prior(history, c, settings, first_day=first_day) for c in frame["cutoff"].unique()
     }
     return frame.assign(season_prior=frame["cutoff"].map(priors).astype("float64").round(9))
 
 
-def labelled_snapshot(
-    tx: ir.Table, cutoff: date, settings: FeatureSettings, engagement: Engagement | None = None
-) -> ir.Table:
+def labelled_snapshot(history: History, cutoff: date, settings: FeatureSettings) -> ir.Table:
     """Features at ``cutoff`` joined with the label ``churned``."""
-    feats = customer_features(tx, cutoff, settings, engagement)
-    joined = feats.left_join(churn_labels(tx, cutoff, settings.horizon_days), "customer_id")
+    feats = customer_features(history, cutoff, settings)
+    joined = feats.left_join(churn_labels(history, cutoff, settings.horizon_days), "customer_id")
     return (
         joined.drop("customer_id_right")
         .mutate(churned=joined.bought.isnull().cast("int8"))
@@ -494,13 +566,16 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
         inspect.getsource(f)
         for f in (
             with_day,
+            History,
+            _order_summary,
+            history,
             purchase_orders,
             order_features,
-            gap_features,
+            purchase_day_features,
             line_features,
             engagement_features,
-            channel_features,
             customer_features,
+            churn_labels,
             rfm_scores,
             rfm_segment,
             btyd_inputs,
@@ -554,18 +629,19 @@ def run(
     engagement = load_engagement(con, paths.events, families)
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
-    train = ibis.union(*(labelled_snapshot(tx, c, settings, engagement) for c in plan.train))
+    past = history(tx, settings, engagement)
+    train = ibis.union(*(labelled_snapshot(past, c, settings) for c in plan.train))
     expressions = {
         "train": (train, len(plan.train)),
-        "test": (labelled_snapshot(tx, plan.test, settings, engagement), 1),
-        "score": (customer_features(tx, plan.as_of, settings, engagement), 1),
+        "test": (labelled_snapshot(past, plan.test, settings), 1),
+        "score": (customer_features(past, plan.as_of, settings), 1),
     }
     built = {}
     with progress("features: snapshots (cutoffs)", len(plan.train) + 2) as advance:
         for name, (expr, cutoffs) in expressions.items():
             built[name] = snapshot_frame(expr, settings)
             advance(cutoffs)
-    frames = {name: with_season_prior(frame, tx, settings) for name, (frame, _) in built.items()}
+    frames = {name: with_season_prior(frame, past, settings) for name, (frame, _) in built.items()}
     fits = {cutoff: fit for _, cut_fits in built.values() for cutoff, fit in cut_fits.items()}
     empty = [name for name, frame in frames.items() if frame.empty]
     if empty:  # checked before anything is written: no partial snapshot set is left behind

@@ -39,6 +39,7 @@ from churn.drift import DriftError, bin_counts, drift_status, psi_of_counts
 from churn.features import (
     customer_features,
     feature_spec,
+    history,
     load_engagement,
     snapshot_frame,
     with_day,
@@ -148,8 +149,9 @@ def scoring_snapshot(
     tx = with_day(con.read_parquet(transactions))
     engagement = load_engagement(con, events, families) if events else None
     spec = feature_spec(settings, engagement.families if engagement else ())
-    frame, _ = snapshot_frame(customer_features(tx, as_of, settings, engagement), settings)
-    return with_season_prior(frame, tx, settings), spec
+    past = history(tx, settings, engagement)
+    frame, _ = snapshot_frame(customer_features(past, as_of, settings), settings)
+    return with_season_prior(frame, past, settings), spec
 
 
 @dataclass(frozen=True)
