@@ -406,6 +406,15 @@ def _bgnbd_expected_quadrature(
     return np.exp(np.logaddexp(*log_terms))
 
 
+def _distinct_rows(*columns: FloatArray) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """The first row of each distinct combination of ``columns``, and each row's combination
+    number (an index into the first)."""
+    frame = pd.DataFrame(dict(enumerate(columns)))
+    codes = frame.groupby(list(frame.columns), sort=False, dropna=False).ngroup().to_numpy()
+    first = np.unique(codes, return_index=True)[1]
+    return first, codes
+
+
 def _bgnbd_expected_given_alive(
     r: float,
     alpha: float,
@@ -416,11 +425,12 @@ def _bgnbd_expected_given_alive(
     horizon: FloatArray,
 ) -> FloatArray:
     """Closed form where scipy's 2F1 is reliable (z <= 0.9, away from the 0/0 points a = 1
-    and c = 0); quadrature elsewhere, and wherever the closed form is not finite, once per
+    and c = 0); quadrature elsewhere, and wherever the closed form is not finite; once per
     distinct (x, T, horizon)."""
     x, T, horizon = np.broadcast_arrays(x, T, horizon)  # noqa: N806
     shape = x.shape
-    x, T, horizon = x.ravel(), T.ravel(), horizon.ravel()  # noqa: N806
+    first, codes = _distinct_rows(x.ravel(), T.ravel(), horizon.ravel())
+    x, T, horizon = x.ravel()[first], T.ravel()[first], horizon.ravel()[first]  # noqa: N806
     c = a + b + x - 1.0
     z_ok = horizon * (1.0 - _HYP2F1_Z_MAX) <= _HYP2F1_Z_MAX * (alpha + T)
     easy = z_ok & (abs(a - 1.0) >= _NEAR_POLE) & (np.abs(c) >= _NEAR_POLE)
@@ -428,18 +438,12 @@ def _bgnbd_expected_given_alive(
     out = np.empty(x.shape)
     with np.errstate(all="ignore"):
         out[easy] = _bgnbd_expected_closed_form(*args, x[easy], T[easy], horizon[easy])
-    redo = ~easy | ~np.isfinite(out)
-    if redo.any():
-        distinct, inverse = np.unique(
-            np.stack([x[redo], T[redo], horizon[redo]], axis=1), axis=0, return_inverse=True
-        )
-        done = np.empty(len(distinct))
-        # The quadrature holds rows x nodes arrays: a bounded number of rows at a time.
-        for start in range(0, len(distinct), _QUADRATURE_ROWS):
-            rows = slice(start, start + _QUADRATURE_ROWS)
-            done[rows] = _bgnbd_expected_quadrature(*args, *distinct[rows].T)
-        out[redo] = done[inverse.ravel()]
-    return out.reshape(shape)
+    redo = np.flatnonzero(~easy | ~np.isfinite(out))
+    # The quadrature holds rows x nodes arrays: a bounded number of rows at a time.
+    for start in range(0, redo.size, _QUADRATURE_ROWS):
+        rows = redo[start : start + _QUADRATURE_ROWS]
+        out[rows] = _bgnbd_expected_quadrature(*args, x[rows], T[rows], horizon[rows])
+    return out[codes].reshape(shape)
 
 
 def bgnbd_expected_purchases(
