@@ -1,7 +1,12 @@
-"""Reading exports: the whitespace-separated text layout of the CDNOW files."""
+"""Reading exports (the whitespace-separated text layout of the CDNOW files) and the
+engine connection."""
 
 from __future__ import annotations
 
+import pytest
+
+from churn import ChurnError
+from churn.config import DuckDBSettings, Engine
 from churn.io import WHITESPACE, connect, read_table
 
 
@@ -20,3 +25,11 @@ def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
         ["00002", "19970112", "5", "77.00"],
         ["00003", "19970102", "<null>", "<null>"],  # too few fields: for ingest to reject
     ]
+
+
+def test_duckdb_memory_limit_is_applied_and_a_bad_size_is_named():
+    con = connect(Engine(duckdb=DuckDBSettings(memory_limit="512MB")))
+    limit = con.raw_sql("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert limit == "488.2 MiB"  # 512 * 10^6 bytes, printed in binary units
+    with pytest.raises(ChurnError, match=r"duckdb\.memory_limit: 'lots'"):
+        connect(Engine(duckdb=DuckDBSettings(memory_limit="lots")))

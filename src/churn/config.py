@@ -120,7 +120,7 @@ class FeatureSettings:
     test_cutoff: date | None = None
     as_of: date | None = None
     windows_days: tuple[int, ...] = (30, 90, 180, 365)
-    btyd_fit_customers: int = 200_000
+    btyd_fit_customers: int = 50_000
     annual_discount_rate: float = 0.1
     # Channel values (any case) that count as online; left empty without a channel column.
     online_channels: tuple[str, ...] = ()
@@ -217,11 +217,19 @@ class SparkSettings:
 
 
 @dataclass(frozen=True)
+class DuckDBSettings:
+    """Embedded DuckDB's memory: above ``memory_limit`` it spills to the system temp folder."""
+
+    memory_limit: str = "4GB"
+
+
+@dataclass(frozen=True)
 class Engine:
     """Where row-level work (ingest, features, scoring features) runs."""
 
     name: str = "duckdb"
     spark: SparkSettings = field(default_factory=SparkSettings)
+    duckdb: DuckDBSettings = field(default_factory=DuckDBSettings)
 
 
 @dataclass(frozen=True)
@@ -240,11 +248,12 @@ class Settings:
     seed: int = 42
     engine: str = "duckdb"
     spark: SparkSettings = field(default_factory=SparkSettings)
+    duckdb: DuckDBSettings = field(default_factory=DuckDBSettings)
 
     @property
     def backend(self) -> Engine:
         """The engine and its session settings, as the stages take them."""
-        return Engine(name=self.engine, spark=self.spark)
+        return Engine(name=self.engine, spark=self.spark, duckdb=self.duckdb)
 
 
 def load_settings(path: Path) -> Settings:

@@ -43,17 +43,33 @@ def connect(engine: Engine | None = None, *, timezone: str = "UTC") -> ibis.Base
 
     ``timezone`` is the session time zone that zoned timestamps are converted into.
     """
-    if engine is not None and engine.name == "spark":
+    engine = engine or Engine()
+    if engine.name == "spark":
         return _connect_spark(engine.spark, timezone=timezone)
     con = ibis.duckdb.connect()
     try:
-        con.raw_sql(f"SET TimeZone = '{timezone.replace(chr(39), '')}'")
+        con.raw_sql(f"SET TimeZone = '{_quoted(timezone)}'")
     except Exception as exc:  # DuckDB raises its own error types for unknown zones
         raise ChurnError(
             f"data.transactions.timezone: unknown time zone {timezone!r}; use an "
             "IANA name such as 'UTC' or 'Europe/London'"
         ) from exc
+    try:
+        con.raw_sql(f"SET memory_limit = '{_quoted(engine.duckdb.memory_limit)}'")
+    except Exception as exc:
+        raise ChurnError(
+            f"duckdb.memory_limit: {engine.duckdb.memory_limit!r} is not a size; use e.g. "
+            "'4GB' or '512MB'"
+        ) from exc
+    # Spilled data goes to the system temp folder, not the working directory.
+    spill = Path(tempfile.gettempdir()) / "churn-duckdb"
+    con.raw_sql(f"SET temp_directory = '{_quoted(str(spill))}'")
     return con
+
+
+def _quoted(text: str) -> str:
+    """``text`` safe inside a single-quoted SQL literal."""
+    return text.replace("'", "''")
 
 
 # Session defaults a user's spark.config may override.
