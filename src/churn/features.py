@@ -385,13 +385,13 @@ def season_prior(
     ``cutoff`` is not after ``first_day`` (the day number of the first transaction), or when
     the horizon is longer than a year.
     """
-    previous = day_number(cutoff - timedelta(days=365))
-    if settings.horizon_days > 365 or previous <= first_day:
+    previous = cutoff - timedelta(days=365)
+    if settings.horizon_days > 365 or day_number(previous) <= first_day:
         return None
-    orders = purchase_orders(history, cutoff - timedelta(days=365))
-    active = orders.filter(orders.day >= previous - settings.active_lookback_days)
+    orders = purchase_orders(history, previous)
+    active = orders.filter(orders.day >= day_number(previous) - settings.active_lookback_days)
     active = active.select("customer_id").distinct()
-    labels = churn_labels(history, cutoff - timedelta(days=365), settings.horizon_days)
+    labels = churn_labels(history, previous, settings.horizon_days)
     labelled = active.left_join(labels, "customer_id")
     rate = labelled.bought.isnull().cast("float64").mean().execute()
     return float(rate) if rate is not None and 0 < rate < 1 else None
