@@ -127,9 +127,9 @@ class History:
 
     orders: ir.Table  # purchase orders: first and last day, value, products (, online)
     open_lines: ir.Table  # the purchase lines of orders spanning days, with their last day
-    line_days: ir.Table  # per customer and day: return value, units, prices, any purchase
-    first_products: ir.Table  # the day each customer first bought each product
-    return_orders: ir.Table  # the day of each return order's first line
+    # Per customer and day: return value, units, prices, whether anything was bought, and
+    # the products bought and the return orders begun for the first time that day.
+    line_days: ir.Table
     engagement: Engagement | None = None
 
 
@@ -175,17 +175,20 @@ def history(
         purchased=(~returned & (lines.amount > 0)).any(),
     )
     products = bought.filter(bought.product_id.notnull())
-    first_products = products.group_by("customer_id", "product_id").agg(day=products.day.min())
+    firsts = products.group_by("customer_id", "product_id").agg(day=products.day.min())
     returns = lines.filter(returned)
     return_orders = returns.group_by("customer_id", "order_id").agg(day=returns.day.min())
-    tables = {
-        "open_lines": open_lines,
-        "line_days": line_days,
-        "first_products": first_products,
-        "return_orders": return_orders,
-    }
-    kept = {name: materialise(con, ibis.util.gen_name(name), t) for name, t in tables.items()}
-    return History(orders=orders, **kept, engagement=engagement)
+    for name, first in (("new_products", firsts), ("new_return_orders", return_orders)):
+        per_day = first.group_by("customer_id", "day").agg(**{name: first.count()})
+        line_days = line_days.left_join(per_day, ["customer_id", "day"])
+        line_days = line_days.drop("customer_id_right", "day_right")
+        line_days = line_days.mutate(**{name: line_days[name].fill_null(0)})
+    return History(
+        orders=orders,
+        open_lines=materialise(con, ibis.util.gen_name("open_lines"), open_lines),
+        line_days=materialise(con, ibis.util.gen_name("line_days"), line_days),
+        engagement=engagement,
+    )
 
 
 def purchase_orders(history: History, cutoff: date) -> ir.Table:
@@ -284,23 +287,17 @@ def line_features(history: History, cutoff: date) -> ir.Table:
     days = history.line_days.filter(history.line_days.day < c)
     agg = days.group_by("customer_id").agg(
         returned_value=days.returned_value.sum(),
+        return_orders=days.new_return_orders.sum(),
         days_since_return=c - days.day.max(where=days.returns > 0),
+        distinct_products=days.new_products.sum(),
         _lines=days.bought_lines.sum(),
         _units=days.bought_units.sum(),
         _prices=days.unit_price_sum.sum(),
     )
     bought = agg._lines.nullif(0).cast("float64")
-    agg = agg.mutate(mean_units_per_line=agg._units / bought, mean_unit_price=agg._prices / bought)
-    products = history.first_products.filter(history.first_products.day < c)
-    products = products.group_by("customer_id").agg(distinct_products=products.count())
-    returns = history.return_orders.filter(history.return_orders.day < c)
-    returns = returns.group_by("customer_id").agg(return_orders=returns.count())
-    joined = agg.drop("_lines", "_units", "_prices").left_join(products, "customer_id")
-    joined = joined.drop("customer_id_right").left_join(returns, "customer_id")
-    return joined.drop("customer_id_right").mutate(
-        distinct_products=joined.distinct_products.fill_null(0),
-        return_orders=joined.return_orders.fill_null(0),
-    )
+    return agg.mutate(
+        mean_units_per_line=agg._units / bought, mean_unit_price=agg._prices / bought
+    ).drop("_lines", "_units", "_prices")
 
 
 def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
