@@ -48,6 +48,17 @@ def test_reasons_are_sentences_from_the_customers_numbers():
     assert out.loc[1, ["reason_1", "reason_2", "top_reasons"]].tolist() == ["", "", ""]
 
 
+def test_a_sentence_two_reasons_share_is_said_once():
+    contributions = pd.DataFrame({"gap_cv": [0.4, 0.4], "overdue_ratio": [0.3, 0.3]})
+    snapshot = pd.DataFrame({"gap_cv": [np.nan, 2.0], "overdue_ratio": [np.nan, 1.5]})
+    out = explain(contributions, snapshot, n=2)
+    assert out["reason_1"].tolist() == ["gap_cv", "gap_cv"]
+    assert out["top_reasons"].tolist() == [
+        "only one purchase day so far, no buying rhythm yet",
+        "irregular buyer (gaps vary 2.0x their usual gap); 1.5x their usual gap between purchases",
+    ]
+
+
 @pytest.mark.parametrize(
     ("feature", "row", "sentence"),
     [

@@ -220,20 +220,29 @@ def has_phrase(feature: str) -> bool:
 def explain(contributions: pd.DataFrame, snapshot: pd.DataFrame, *, n: int) -> pd.DataFrame:
     """Codes ``reason_1..n`` and a sentence list ``top_reasons`` for each customer.
 
-    Only features that push risk up count; a customer with fewer gets empty codes.
+    Only features that push risk up count; a customer with fewer gets empty codes. A
+    sentence two features share is said once. Each feature's sentences are made once per
+    distinct value, not once per customer.
     """
     contrib = contributions.to_numpy()
     names = np.asarray(contributions.columns)
     order = np.argsort(-contrib, axis=1, kind="stable")[:, :n]
-    values = snapshot[list(names)].to_dict("records")
-    codes, sentences = [], []
-    for row, idx in enumerate(order):
-        picked = [names[j] for j in idx if contrib[row, j] > 0]
-        codes.append(picked + [""] * (n - len(picked)))
-        said = dict.fromkeys(phrase(f, values[row]) for f in picked)  # one sentence once
-        sentences.append("; ".join(said))
+    picked = np.take_along_axis(contrib, order, axis=1) > 0  # a prefix of each row
+    codes = np.where(picked, names[order], "")
+    said = np.full(order.shape, "", dtype=object)
+    for j, feature in enumerate(names):
+        where = picked & (order == j)
+        if where.any():
+            values = snapshot[feature].to_numpy()[where.nonzero()[0]]
+            index, distinct = pd.factorize(values, use_na_sentinel=False)
+            sentences = np.array([phrase(feature, {feature: v}) for v in distinct], dtype=object)
+            said[where] = sentences[index]
+    top = pd.Series(said[:, 0] if n else [""] * len(said), dtype=object)
+    for k in range(1, n):
+        repeat = (said[:, k] == "") | np.any(said[:, :k] == said[:, k : k + 1], axis=1)
+        top = top.where(repeat, top + "; " + said[:, k])
     out = pd.DataFrame(
         codes, columns=[f"reason_{i + 1}" for i in range(n)], index=contributions.index
     )
-    out["top_reasons"] = sentences
+    out["top_reasons"] = top.to_numpy()
     return out
