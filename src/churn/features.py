@@ -8,6 +8,7 @@ Day arithmetic uses whole days since the epoch, which every engine computes the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -25,7 +26,7 @@ from ibis.expr import types as ir
 
 from churn import ChurnError, btyd
 from churn.config import Engine, FeatureSettings, Paths
-from churn.io import connect, materialise, write_json, write_parquet
+from churn.io import connect, materialise, parquet_parts, write_json
 from churn.progress import progress
 
 EPOCH = date(1970, 1, 1)
@@ -352,6 +353,12 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
         families = history.engagement.families
         counts = [f"{f}_{w}d" for f in families for w in ENGAGEMENT_WINDOWS]
         joined = joined.mutate(**{c: joined[c].fill_null(0) for c in counts})
+    # The snapshot's column order is the order of the model's features: kept stable.
+    joined = joined.relocate("purchase_days", after="frequency").relocate(
+        "active_months_365d", after="season_order_share"
+    )
+    if "online_order_share" in joined.columns:
+        joined = joined.relocate("online_order_share", after=joined.columns[-1])
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         gap_cv=joined.gap_std_days / joined.gap_mean_days,
@@ -627,27 +634,32 @@ def run(
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
     past = history(tx, settings, engagement)
-    train = ibis.union(*(labelled_snapshot(past, c, settings) for c in plan.train))
-    expressions = {
-        "train": (train, len(plan.train)),
-        "test": (labelled_snapshot(past, plan.test, settings), 1),
-        "score": (customer_features(past, plan.as_of, settings), 1),
+    snapshots = {
+        "train": [labelled_snapshot(past, c, settings) for c in plan.train],
+        "test": [labelled_snapshot(past, plan.test, settings)],
+        "score": [customer_features(past, plan.as_of, settings)],
     }
-    built = {}
-    with progress("features: snapshots (cutoffs)", len(plan.train) + 2) as advance:
-        for name, (expr, cutoffs) in expressions.items():
-            built[name] = snapshot_frame(expr, settings)
-            advance(cutoffs)
-    frames = {name: with_season_prior(frame, past, settings) for name, (frame, _) in built.items()}
-    fits = {cutoff: fit for _, cut_fits in built.values() for cutoff, fit in cut_fits.items()}
-    empty = [name for name, frame in frames.items() if frame.empty]
-    if empty:  # checked before anything is written: no partial snapshot set is left behind
-        raise SnapshotError(
-            f"the {' and '.join(empty)} snapshot(s) have no active customers; check "
-            "features.active_lookback_days and the cutoffs"
-        )
-    for name, frame in frames.items():
-        write_parquet(frame, paths.features / f"{name}.parquet")
+    rows: dict[str, int] = dict.fromkeys(snapshots, 0)
+    fits: dict[str, Any] = {}
+    # One cutoff in memory at a time; the three files appear together, and only when every
+    # snapshot has customers.
+    with contextlib.ExitStack() as files:
+        with progress("features: snapshots (cutoffs)", len(plan.train) + 2) as advance:
+            for name, expressions in snapshots.items():
+                append = files.enter_context(parquet_parts(paths.features / f"{name}.parquet"))
+                for expr in expressions:
+                    frame, cutoff_fits = snapshot_frame(expr, settings)
+                    if len(frame):
+                        append(with_season_prior(frame, past, settings))
+                    rows[name] += len(frame)
+                    fits.update(cutoff_fits)
+                    advance(1)
+        empty = [name for name, n in rows.items() if n == 0]
+        if empty:
+            raise SnapshotError(
+                f"the {' and '.join(empty)} snapshot(s) have no active customers; check "
+                "features.active_lookback_days and the cutoffs"
+            )
     write_json(
         {
             **feature_spec(settings, engagement.families if engagement else ()),
@@ -658,4 +670,4 @@ def run(
         },
         paths.features / "spec.json",
     )
-    return FeaturesSummary(plan=plan, rows={k: len(v) for k, v in frames.items()})
+    return FeaturesSummary(plan=plan, rows=rows)

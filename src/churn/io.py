@@ -8,12 +8,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import ibis
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from ibis.expr import types as ir
 
 from churn import ChurnError
@@ -269,6 +271,26 @@ def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
             _spark_parquet(frame, tmp)
         else:
             frame.to_parquet(tmp)
+
+
+@contextlib.contextmanager
+def parquet_parts(target: Path) -> Iterator[Callable[[pd.DataFrame], None]]:
+    """Yield ``append(frame)``: frames with the same columns, written as they come, become
+    the one Parquet file ``target`` when the block ends without error."""
+    with atomic_path(target) as tmp:
+        writers: list[pq.ParquetWriter] = []
+
+        def append(frame: pd.DataFrame) -> None:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if not writers:
+                writers.append(pq.ParquetWriter(tmp, table.schema))
+            writers[0].write_table(table.cast(writers[0].schema))
+
+        try:
+            yield append
+        finally:
+            for writer in writers:
+                writer.close()
 
 
 def _spark_parquet(expr: ir.Table, target: Path) -> None:
