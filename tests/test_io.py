@@ -3,11 +3,12 @@ engine connection."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from churn import ChurnError
 from churn.config import DuckDBSettings, Engine
-from churn.io import WHITESPACE, connect, read_table
+from churn.io import WHITESPACE, connect, parquet_parts, read_table
 
 
 def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
@@ -33,3 +34,23 @@ def test_duckdb_memory_limit_is_applied_and_a_bad_size_is_named():
     assert limit == "488.2 MiB"  # 512 * 10^6 bytes, printed in binary units
     with pytest.raises(ChurnError, match=r"duckdb\.memory_limit: 'lots'"):
         connect(Engine(duckdb=DuckDBSettings(memory_limit="lots")))
+
+
+def test_parquet_parts_become_one_file_only_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "snapshot.parquet"
+    with parquet_parts(target) as append:
+        append(pd.DataFrame({"customer_id": ["A"], "spend": [1.5]}))
+        append(pd.DataFrame({"customer_id": ["B", "C"], "spend": [float("nan"), 2.0]}))
+    written = pd.read_parquet(target)
+    assert written["customer_id"].tolist() == ["A", "B", "C"]
+    assert written["spend"].isna().tolist() == [False, True, False]
+
+    def stopped_mid_way() -> None:
+        with parquet_parts(target) as append:
+            append(pd.DataFrame({"customer_id": ["D"], "spend": [9.0]}))
+            raise RuntimeError("stopped mid-way")
+
+    with pytest.raises(RuntimeError):
+        stopped_mid_way()
+    assert pd.read_parquet(target)["customer_id"].tolist() == ["A", "B", "C"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.parquet"]
