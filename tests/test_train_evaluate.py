@@ -246,3 +246,24 @@ def test_training_above_max_rows_samples_and_logs_it(make_settings, tracking):
     assert run.data.params["train_rows_used"] == "500"
     assert run.data.params["train_sampled"] == "True"
     assert run.data.tags["train_sampled"] == "true"
+
+
+def _rows_fitted(booster) -> int:
+    """Rows under the first tree's root (with bagging off: every row the booster saw)."""
+    return booster.dump_model()["tree_info"][0]["tree_structure"]["internal_count"]
+
+
+def test_trials_tune_on_samples_and_the_best_settings_fit_every_row(pipeline):
+    snapshots = pd.read_parquet(pipeline.settings.paths.features / "train.parquet")
+    fit, valid = train.split_by_cutoff(snapshots)
+    columns = train.feature_columns(snapshots)
+    settings = TrainSettings(
+        max_rounds=30, early_stopping_rounds=5, bagging_fraction=1.0, n_trials=2, tune_rows=2000
+    )
+    _, trials, booster = train.tune(fit, valid, columns, settings, seed=0)
+    assert [t["fit_rows"] for t in trials] == [2000, 2000]
+    assert _rows_fitted(booster) == len(fit) > 2000  # fitted again on every row
+    everything = dataclasses.replace(settings, tune_rows=len(snapshots))
+    _, trials, reused = train.tune(fit, valid, columns, everything, seed=0)
+    assert [t["fit_rows"] for t in trials] == [len(fit)] * 2
+    assert _rows_fitted(reused) == len(fit)

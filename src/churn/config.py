@@ -139,6 +139,7 @@ class TrainSettings:
     early_stopping_rounds: int = 100
     n_trials: int = 5  # Optuna trials over the LightGBM parameters; 0 = use them as given
     max_rows: int = 2_000_000
+    tune_rows: int = 200_000  # fitting and validation rows each trial uses at most
 
 
 @dataclass(frozen=True)
@@ -425,6 +426,7 @@ def _validate(s: Settings) -> None:
         max_rounds=t.max_rounds,
         early_stopping_rounds=t.early_stopping_rounds,
         max_rows=t.max_rows,
+        tune_rows=t.tune_rows,
     )
     if t.n_trials < 0:
         raise ParamsError(f"params: train.n_trials must be >= 0, got {t.n_trials}")

@@ -170,9 +170,15 @@ def tune(
 ) -> tuple[TrainSettings, list[dict[str, Any]], lgb.Booster]:
     """Search LightGBM parameters for the best validation AUC in ``settings.n_trials`` Optuna
     trials, the first being the parameters as given; return the best settings, every trial
-    and the best trial's booster.
+    and the booster of the best settings.
+
+    Trials fit and validate on at most ``settings.tune_rows`` rows each (samples stratified
+    by cutoff and label). The best trial's booster is returned when it saw every row;
+    otherwise the best settings are fitted again on all of them.
     """
     boosters: dict[int, lgb.Booster] = {}
+    tune_fit = stratified_sample(fit, settings.tune_rows, seed=seed)
+    tune_valid = stratified_sample(valid, settings.tune_rows, seed=seed)
 
     def objective(trial: optuna.Trial) -> float:
         candidate = dataclasses.replace(
@@ -183,8 +189,9 @@ def tune(
             feature_fraction=trial.suggest_float("feature_fraction", 0.5, 1.0),
             lambda_l2=trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
         )
-        booster = fit_booster(fit, valid, features, candidate, seed=seed)
+        booster = fit_booster(tune_fit, tune_valid, features, candidate, seed=seed)
         trial.set_user_attr("best_iteration", int(booster.best_iteration))
+        trial.set_user_attr("fit_rows", len(tune_fit))
         boosters[trial.number] = booster
         return float(booster.best_score["valid_0"]["auc"])
 
@@ -197,7 +204,9 @@ def tune(
         for t in study.trials
     ]
     best = dataclasses.replace(settings, **study.best_params)
-    return best, trials, boosters[study.best_trial.number]
+    if len(tune_fit) == len(fit) and len(tune_valid) == len(valid):
+        return best, trials, boosters[study.best_trial.number]
+    return best, trials, fit_booster(fit, valid, features, best, seed=seed)
 
 
 def choose_blend(booster_p: np.ndarray, valid: pd.DataFrame, *, seed: int) -> Blend:
@@ -338,6 +347,7 @@ def run(
                 "train_cutoffs": ",".join(card.train_cutoffs),
                 "validation_cutoff": card.validation_cutoff,
                 "n_trials": settings.n_trials,
+                "tune_rows": settings.tune_rows,
                 "blend_column": card.blend_column or "none",
                 "blend_weight": card.blend_weight,
                 "blend_standard_error": fitted.blend.standard_error,
