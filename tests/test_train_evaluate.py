@@ -267,3 +267,15 @@ def test_trials_tune_on_samples_and_the_best_settings_fit_every_row(pipeline):
     _, trials, reused = train.tune(fit, valid, columns, everything, seed=0)
     assert [t["fit_rows"] for t in trials] == [len(fit)] * 2
     assert _rows_fitted(reused) == len(fit)
+
+
+def test_the_sample_read_in_batches_is_the_stratified_sample_of_the_file(pipeline, tmp_path):
+    snapshots = pd.read_parquet(pipeline.settings.paths.features / "train.parquet")
+    path = tmp_path / "train.parquet"
+    snapshots.to_parquet(path, row_group_size=1000)  # many batches to pick rows from
+    sample, total = train.read_sample(path, 5000, seed=3)
+    expected = train.stratified_sample(snapshots, 5000, seed=3).reset_index(drop=True)
+    assert total == len(snapshots) > 5000
+    pd.testing.assert_frame_equal(sample, expected)
+    whole, _ = train.read_sample(path, len(snapshots), seed=3)
+    pd.testing.assert_frame_equal(whole, snapshots)

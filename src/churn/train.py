@@ -24,6 +24,8 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from mlflow.models import infer_signature
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
@@ -108,6 +110,24 @@ def stratified_sample(snapshots: pd.DataFrame, max_rows: int, *, seed: int) -> p
     drawn = zip(strata.values(), quota, strict=True)
     keep = [rng.choice(rows, size=n, replace=False) for rows, n in drawn]
     return snapshots.iloc[np.sort(np.concatenate(keep))]
+
+
+def read_sample(path: Path, max_rows: int, *, seed: int) -> tuple[pd.DataFrame, int]:
+    """:func:`stratified_sample` of the snapshot file ``path`` and the file's row count. The
+    file is read in batches that keep only the drawn rows: memory holds the sample, not the
+    file."""
+    keys = pd.read_parquet(path, columns=["cutoff", LABEL])
+    if len(keys) <= max_rows:
+        return pd.read_parquet(path), len(keys)
+    drawn = stratified_sample(keys, max_rows, seed=seed).index.to_numpy()
+    file = pq.ParquetFile(path)
+    batches, start = [], 0
+    for batch in file.iter_batches():
+        rows = drawn[(drawn >= start) & (drawn < start + batch.num_rows)] - start
+        batches.append(batch.take(rows))
+        start += batch.num_rows
+    table = pa.Table.from_batches(batches, schema=file.schema_arrow)
+    return table.to_pandas(), len(keys)
 
 
 def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
@@ -316,14 +336,13 @@ def run(
     drift_bins: int = 10,
 ) -> TrainSummary:
     """Train, log and register the model; save it under ``paths.model``."""
-    snapshots = pd.read_parquet(paths.features / "train.parquet")
+    used, total = read_sample(paths.features / "train.parquet", settings.max_rows, seed=seed)
     spec = json.loads((paths.features / "spec.json").read_text())
-    used = stratified_sample(snapshots, settings.max_rows, seed=seed)
-    if len(used) < len(snapshots):
+    if len(used) < total:
         log.info(
             "training on %d of %d snapshot rows (train.max_rows), stratified by cutoff and label",
             len(used),
-            len(snapshots),
+            total,
         )
     fitted = build_model(used, settings, spec, seed=seed, drift_bins=drift_bins)
     booster, card, valid = fitted.booster, fitted.card, fitted.valid
@@ -340,10 +359,10 @@ def run(
                 "feature_hash": card.feature_hash,
                 "n_features": len(card.features),
                 "train_rows": len(used),
-                "train_rows_total": len(snapshots),
+                "train_rows_total": total,
                 "train_rows_used": len(used),
                 "train_max_rows": settings.max_rows,
-                "train_sampled": len(used) < len(snapshots),
+                "train_sampled": len(used) < total,
                 "train_cutoffs": ",".join(card.train_cutoffs),
                 "validation_cutoff": card.validation_cutoff,
                 "n_trials": settings.n_trials,
@@ -354,7 +373,7 @@ def run(
                 "validation_season_prior": card.season_prior,
             }
         )
-        mlflow.set_tag("train_sampled", str(len(used) < len(snapshots)).lower())
+        mlflow.set_tag("train_sampled", str(len(used) < total).lower())
         chosen = fitted.blend
         log.info(
             "train: score = %.1f x booster + %.1f x %s (validation AUC: %s; booster alone %.4f, "
