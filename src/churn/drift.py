@@ -1,8 +1,9 @@
 """Population stability: how far a scoring population has moved from the training one.
 
 A *profile* summarises a reference sample as quantile bin edges and the share of values in
-each bin, plus the share of missing values; :func:`psi` compares a new sample against it.
-Models carry profiles of their validation snapshot, so any scoring job can check drift.
+each bin, plus the share of missing values; :func:`psi` compares a new sample's
+:func:`bin_counts` against it. Models carry profiles of their validation snapshot, so any
+scoring job can check drift.
 """
 
 from __future__ import annotations
@@ -35,19 +36,8 @@ def profile(values: np.ndarray, *, bins: int = 10) -> dict[str, list[float]]:
         if len(present)
         else np.array([])
     )
-    return {"edges": inner.tolist(), "shares": _shares(values, inner).tolist()}
-
-
-def psi(reference: dict[str, list[float]], values: np.ndarray) -> float:
-    """Population stability index of ``values`` against a :func:`profile`.
-
-    ``sum((actual - expected) * ln(actual / expected))`` over the bins; 0 means no shift.
-
-    >>> ref = profile(np.arange(100.0), bins=4)
-    >>> round(psi(ref, np.arange(100.0)), 6)
-    0.0
-    """
-    return psi_of_counts(reference, bin_counts(reference, values))
+    shares = bin_counts({"edges": inner.tolist()}, values) / max(len(values), 1)
+    return {"edges": inner.tolist(), "shares": shares.tolist()}
 
 
 def bin_counts(reference: dict[str, list[float]], values: np.ndarray) -> np.ndarray:
@@ -66,37 +56,27 @@ def bin_counts(reference: dict[str, list[float]], values: np.ndarray) -> np.ndar
     return np.append(counts, missing.sum())
 
 
-def psi_of_counts(reference: dict[str, list[float]], counts: np.ndarray) -> float:
-    """:func:`psi` of a population given by its :func:`bin_counts`."""
+def psi(reference: dict[str, list[float]], counts: np.ndarray) -> float:
+    """Population stability index against a :func:`profile` of a population given by its
+    :func:`bin_counts`.
+
+    ``sum((actual - expected) * ln(actual / expected))`` over the bins; 0 means no shift.
+
+    >>> ref = profile(np.arange(100.0), bins=4)
+    >>> round(psi(ref, bin_counts(ref, np.arange(100.0))), 6)
+    0.0
+    """
     expected = np.clip(np.asarray(reference["shares"]), EPSILON, None)
     actual = np.clip(counts / max(int(counts.sum()), 1), EPSILON, None)
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def drift_report(
-    references: dict[str, dict[str, list[float]]],
-    current: dict[str, np.ndarray],
-    *,
-    warn_psi: float,
-    fail_psi: float,
-    exempt: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """PSI and status (``ok``, ``warn``, ``fail``) of every profiled column.
-
-    Exempt columns (those that move with the calendar by construction) warn but never fail.
-    """
-    return drift_status(
-        {name: psi(reference, current[name]) for name, reference in references.items()},
-        warn_psi=warn_psi,
-        fail_psi=fail_psi,
-        exempt=exempt,
-    )
-
-
 def drift_status(
     psis: dict[str, float], *, warn_psi: float, fail_psi: float, exempt: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The drift report of columns with known PSI: status per column and overall."""
+    """The drift report of columns with known PSI: status (``ok``, ``warn``, ``fail``) per
+    column and overall. Exempt columns (those that move with the calendar by construction)
+    warn but never fail."""
     columns = {}
     for name, value in psis.items():
         status = "fail" if value > fail_psi else "warn" if value > warn_psi else "ok"
@@ -113,11 +93,3 @@ def drift_status(
         "exempt": list(exempt),
         "columns": columns,
     }
-
-
-def _shares(values: np.ndarray, inner_edges: np.ndarray) -> np.ndarray:
-    missing = np.isnan(values)
-    counts = np.bincount(
-        np.searchsorted(inner_edges, values[~missing], side="right"), minlength=len(inner_edges) + 1
-    )
-    return np.append(counts, missing.sum()) / max(len(values), 1)

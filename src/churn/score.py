@@ -35,7 +35,7 @@ from churn.config import (
     FeatureSettings,
     ScoreSettings,
 )
-from churn.drift import DriftError, bin_counts, drift_status, psi_of_counts
+from churn.drift import DriftError, bin_counts, drift_status, psi
 from churn.features import (
     customer_features,
     feature_spec,
@@ -250,7 +250,7 @@ def _ranked(
     key: pd.DataFrame, settings: ScoreSettings, actions: ActionSettings, budget: float
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Tier, decile, value band, action and selection of every customer, riskiest first
-    (the order :func:`retention_list` gives); column ``row`` is the position in the file."""
+    (the retention list's order); column ``row`` is the position in the file."""
     probability = key["churn_probability"].to_numpy()
     value = key["customer_value"].to_numpy()
     table = key.assign(
@@ -392,7 +392,7 @@ def run(
     )
     population = _first_pass(file, model, settings)
     as_of = population.as_of
-    psis = {name: psi_of_counts(model.reference[name], c) for name, c in population.counts.items()}
+    psis = {name: psi(model.reference[name], c) for name, c in population.counts.items()}
     report = {
         "as_of": str(as_of),
         **drift_status(psis, warn_psi=drift.warn_psi, fail_psi=drift.fail_psi, exempt=drift.exempt),
