@@ -359,9 +359,9 @@ def test_season_prior_is_the_churn_rate_a_year_earlier(tiny_tx):
     # A year before 2022-04-01: A (bought 2021-03-20) and B (2021-03-31) are active, C's
     # last order is two years old and D's is on the day itself; A buys again on 2021-04-10,
     # B does not within 30 days: half of them churned.
-    first = table.day.min().execute()
     past = history(table, SETTINGS)
-    assert season_prior(past, date(2022, 4, 1), SETTINGS, first_day=first) == 0.5
+    assert past.first_day == table.day.min().execute()
+    assert season_prior(past, date(2022, 4, 1), SETTINGS) == 0.5
     # Nobody active a year before; a year before lies before the data.
-    assert season_prior(past, date(2021, 4, 1), SETTINGS, first_day=first) is None
-    assert season_prior(past, date(2019, 6, 1), SETTINGS, first_day=first) is None
+    assert season_prior(past, date(2021, 4, 1), SETTINGS) is None
+    assert season_prior(past, date(2019, 6, 1), SETTINGS) is None

@@ -131,6 +131,7 @@ class History:
     # Per customer and day: return value, units, prices, whether anything was bought, and
     # the products bought and the return orders begun for the first time that day.
     line_days: ir.Table
+    first_day: int | None  # the day number of the first line; None without lines
     engagement: Engagement | None = None
 
 
@@ -184,10 +185,13 @@ def history(
         line_days = line_days.left_join(per_day, ["customer_id", "day"])
         line_days = line_days.drop("customer_id_right", "day_right")
         line_days = line_days.mutate(**{name: line_days[name].fill_null(0)})
+    line_days = materialise(con, ibis.util.gen_name("line_days"), line_days)
+    first_day = line_days.day.min().execute()
     return History(
         orders=orders,
         open_lines=materialise(con, ibis.util.gen_name("open_lines"), open_lines),
-        line_days=materialise(con, ibis.util.gen_name("line_days"), line_days),
+        line_days=line_days,
+        first_day=None if pd.isna(first_day) else int(first_day),
         engagement=engagement,
     )
 
@@ -378,19 +382,18 @@ def churn_labels(history: History, cutoff: date, horizon_days: int) -> ir.Table:
     return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
 
 
-def season_prior(
-    history: History, cutoff: date, settings: FeatureSettings, *, first_day: int
-) -> float | None:
+def season_prior(history: History, cutoff: date, settings: FeatureSettings) -> float | None:
     """The churn rate a year before ``cutoff``: customers active at ``cutoff - 365`` days who
     made no purchase in the horizon after it, all observed before ``cutoff``.
 
     It is the base rate of the same season, for the model to move its probabilities from
     the validation snapshot's season to this one's. None when the day a year before
-    ``cutoff`` is not after ``first_day`` (the day number of the first transaction), or when
-    the horizon is longer than a year.
+    ``cutoff`` is not after the history's first day, or when the horizon is longer than a
+    year.
     """
     previous = cutoff - timedelta(days=365)
-    if settings.horizon_days > 365 or day_number(previous) <= first_day:
+    first_day = history.first_day
+    if settings.horizon_days > 365 or first_day is None or day_number(previous) <= first_day:
         return None
     orders = purchase_orders(history, previous)
     active = orders.filter(orders.day >= day_number(previous) - settings.active_lookback_days)
@@ -405,10 +408,7 @@ def with_season_prior(
     frame: pd.DataFrame, history: History, settings: FeatureSettings
 ) -> pd.DataFrame:
     """Add ``season_prior`` (:func:`season_prior` of each row's cutoff; NaN when unknown)."""
-    first_day = history.line_days.day.min().execute()
-    priors = {
-        c: season_prior(history, c, settings, first_day=first_day) for c in frame["cutoff"].unique()
-    }
+    priors = {c: season_prior(history, c, settings) for c in frame["cutoff"].unique()}
     return frame.assign(season_prior=frame["cutoff"].map(priors).astype("float64").round(9))
 
 
