@@ -87,9 +87,11 @@ def _inference(params: Path) -> dict:
     model = load_model(str(settings.paths.model))
     snapshot = pd.read_parquet(settings.paths.features / "score.parquet")
     start = time.perf_counter()
+    model.predict_proba(snapshot)  # compiles the booster, or loads it from the machine's cache
+    first = time.perf_counter()
     model.predict_proba(snapshot)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "customers": len(snapshot)}
+    seconds = time.perf_counter() - first
+    return {"seconds": seconds, "first_seconds": first - start, "customers": len(snapshot)}
 
 
 def main(step: str, params: Path) -> dict:

@@ -34,7 +34,12 @@ def _medians(features_s: float, pandas_s: float, per_s_customers: int) -> dict:
     step = {"seconds": 1.0, "wall_s": 2.0, "peak_rss_mb": 100.0}
     med = {s: dict(step) for s in PIPELINE}
     med["features"] = {"seconds": features_s, "wall_s": features_s + 1, "peak_rss_mb": 900.0}
-    med["inference"] = {"seconds": 0.5, "customers": per_s_customers / 2, "peak_rss_mb": 1.0}
+    med["inference"] = {
+        "seconds": 0.5,
+        "first_seconds": 3.0,
+        "customers": per_s_customers / 2,
+        "peak_rss_mb": 1.0,
+    }
     for name in ("features_rowlevel", "pandas_ref_rowlevel", "lifetimes_ref"):
         med[name] = {"seconds": 2.0, "peak_rss_mb": 1.0}
     med["pandas_ref"] = {"seconds": pandas_s, "peak_rss_mb": 1.0}
@@ -48,6 +53,7 @@ def test_size_figures_and_targets():
     assert figures["pipeline_peak_rss_mb"] == 900.0
     assert figures["features_rows_per_s"] == pytest.approx(2_500_000)
     assert figures["score_customers_per_s"] == pytest.approx(600_000)
+    assert figures["score_first_call_s"] == 3.0
     slow = size_figures(_medians(12.0, 30.0, 100_000), {"rows": 1_000_000, "customers": 1})
     checks = targets({"10000000": figures, "1000000": slow})
     assert checks["10m_features_s"] == {"value": 4.0, "target": "<= 10", "pass": True}

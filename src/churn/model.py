@@ -3,16 +3,23 @@
 Train writes it, evaluate and score load it: from ``models/`` inside the pipeline, or from the
 registry (``models:/churn@champion``) in batch jobs. ``predict`` returns calibrated churn
 probabilities; :meth:`ChurnModel.contributions` gives per-feature log-odds contributions.
+Large batches run through the booster compiled to machine code (:func:`compile_booster`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
+import lleaves
+import llvmlite
+import llvmlite.binding as llvm
 import mlflow
 import numpy as np
 import pandas as pd
@@ -110,16 +117,53 @@ def blend(booster_p: np.ndarray, btyd_p: np.ndarray | None, weight: float) -> np
     return np.where(np.isnan(btyd_p), booster_p, weight * booster_p + (1 - weight) * btyd_p)
 
 
+def compile_booster(booster_file: Path, cache: Path | None = None) -> lleaves.Model:
+    """The booster in ``booster_file`` compiled to machine code for this CPU (lleaves: the same
+    predictions as LightGBM's, several times faster). The object code is cached in ``cache``
+    (default ``<system temp>/churn-compiled``) under a digest of the model text, the compiler
+    versions and the CPU, so only the first load of a model on a machine compiles it."""
+    cpu = f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"
+    digest = hashlib.sha256(booster_file.read_bytes())
+    digest.update(f"{_version('lleaves')} {llvmlite.__version__} {cpu}".encode())
+    folder = cache or Path(tempfile.gettempdir()) / "churn-compiled"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{digest.hexdigest()[:32]}.o"
+    compiled = lleaves.Model(model_file=str(booster_file))
+    if target.exists():
+        compiled.compile(cache=str(target))
+    else:  # compile beside the target, then rename: a concurrent load never reads half a file
+        staging = target.with_name(f".{target.stem}.{os.getpid()}.o")
+        compiled.compile(cache=str(staging))
+        staging.replace(target)
+    return compiled
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 class ChurnModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc wrapper; artifacts ``booster`` (LightGBM text) and ``card`` (JSON)."""
+    """MLflow pyfunc wrapper; artifacts ``booster`` (LightGBM text) and ``card`` (JSON).
+
+    Batches of at least ``compiled_min_rows`` rows are predicted by the compiled booster;
+    smaller ones by LightGBM, which costs nothing to prepare.
+    """
+
+    compiled_min_rows = 20_000
 
     def __init__(self) -> None:
         self.booster: lgb.Booster | None = None
         self.card: ModelCard | None = None
+        self.booster_file: Path | None = None
+        self._compiled: lleaves.Model | None = None
 
     def load_context(self, context: Any) -> None:
-        self.booster = lgb.Booster(model_file=context.artifacts["booster"])
+        self.booster_file = Path(context.artifacts["booster"])
+        self.booster = lgb.Booster(model_file=str(self.booster_file))
         self.card = ModelCard(**json.loads(Path(context.artifacts["card"]).read_text()))
+        self._compiled = None
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         return self.predict_proba(model_input)
@@ -138,11 +182,19 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         """Churn probability of each row as calibrated on the validation snapshot, before the
         move to the row's season: what drift checks compare with the validation profile."""
         card = self._card
-        raw = self._booster.predict(self.matrix(frame), num_iteration=card.best_iteration)
+        raw = self.booster_proba(self.matrix(frame))
         btyd_p = frame[card.blend_column].to_numpy("float64") if card.blend_column else None
         return calibrate(
             blend(raw, btyd_p, card.blend_weight), card.calibration_x, card.calibration_y
         )
+
+    def booster_proba(self, matrix: np.ndarray) -> np.ndarray:
+        """The booster's own probability for each row of the feature matrix."""
+        if len(matrix) < self.compiled_min_rows or self.booster_file is None:
+            return self._booster.predict(matrix, num_iteration=self._card.best_iteration)
+        if self._compiled is None:
+            self._compiled = compile_booster(self.booster_file)
+        return self._compiled.predict(matrix, n_jobs=len(os.sched_getaffinity(0)))
 
     def contributions(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per-feature contributions to the raw log-odds (TreeSHAP), one column per feature."""
