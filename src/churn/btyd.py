@@ -207,22 +207,47 @@ def _monetary_arrays(x: ArrayLike, monetary: ArrayLike) -> tuple[FloatArray, Flo
 # --------------------------------------------------------------------------- BG/NBD
 
 
+@dataclass(frozen=True)
+class _Distinct:
+    """An array as its distinct ``values`` and each element's index ``at`` into them (``None``:
+    the values are the array). A fit evaluates the likelihood hundreds of times on the same
+    customers: its transcendental terms are then computed once per distinct value."""
+
+    values: FloatArray
+    at: NDArray[np.intp] | None = None
+
+    @classmethod
+    def of(cls, array: FloatArray) -> _Distinct:
+        values, at = np.unique(array, return_inverse=True)
+        return cls(values, at.ravel())
+
+    def map(self, f: Callable[[FloatArray], FloatArray]) -> FloatArray:
+        """``f`` of every element, computed on the distinct values."""
+        out = f(self.values)
+        return out if self.at is None else out[self.at]
+
+    @property
+    def full(self) -> FloatArray:
+        return self.map(lambda v: v)
+
+
 def _bgnbd_terms(
     r: float,
     alpha: float,
     a: float,
     b: float,
-    x: FloatArray,
-    t_x: FloatArray,
-    T: FloatArray,  # noqa: N803
+    x: _Distinct,
+    t_x: _Distinct,
+    T: _Distinct,  # noqa: N803
 ) -> tuple[FloatArray, FloatArray]:
     """Log of the 'alive at T' and 'dropped out after t_x' parts of the BG/NBD likelihood,
     without the factor common to both."""
-    alive = -(r + x) * np.log(alpha + T)
-    repeat = x > 0
-    x_safe = np.where(repeat, x, 1.0)
-    dropped = np.log(a) - np.log(b + x_safe - 1.0) - (r + x_safe) * np.log(alpha + t_x)
-    return alive, np.where(repeat, dropped, -np.inf)
+    r_x = r + x.full
+    alive = -r_x * T.map(lambda v: np.log(alpha + v))
+    # for x = 0 the term is -inf; any value of the log keeps the arithmetic finite
+    log_ab = x.map(lambda v: np.log(a) - np.log(b + np.maximum(v, 1.0) - 1.0))
+    dropped = log_ab - r_x * t_x.map(lambda v: np.log(alpha + v))
+    return alive, np.where(x.map(lambda v: v > 0), dropped, -np.inf)
 
 
 def _bgnbd_ll(
@@ -230,16 +255,18 @@ def _bgnbd_ll(
     alpha: float,
     a: float,
     b: float,
-    x: FloatArray,
-    t_x: FloatArray,
-    T: FloatArray,  # noqa: N803
+    x: _Distinct,
+    t_x: _Distinct,
+    T: _Distinct,  # noqa: N803
 ) -> FloatArray:
-    common = (
-        special.gammaln(r + x)
-        - special.gammaln(r)
-        + r * np.log(alpha)
-        + special.betaln(a, b + x)
-        - special.betaln(a, b)
+    common = x.map(
+        lambda v: (
+            special.gammaln(r + v)
+            - special.gammaln(r)
+            + r * np.log(alpha)
+            + special.betaln(a, b + v)
+            - special.betaln(a, b)
+        )
     )
     alive, dropped = _bgnbd_terms(r, alpha, a, b, x, t_x, T)
     return common + np.logaddexp(alive, dropped)
@@ -276,7 +303,7 @@ def bgnbd_log_likelihood(
     >>> bgnbd_log_likelihood(p, [0, 2], [0.0, 30.43], [38.86, 38.86]).round(4)
     array([-0.5538, -9.4597])
     """
-    return _bgnbd_ll(*params.as_tuple(), *_rfm_arrays(x, t_x, T))
+    return _bgnbd_ll(*params.as_tuple(), *map(_Distinct, _rfm_arrays(x, t_x, T)))
 
 
 def bgnbd_probability_alive(
@@ -301,7 +328,7 @@ def bgnbd_probability_alive(
     numpy.ndarray
         Probabilities in [0, 1].
     """
-    alive, dropped = _bgnbd_terms(*params.as_tuple(), *_rfm_arrays(x, t_x, T))
+    alive, dropped = _bgnbd_terms(*params.as_tuple(), *map(_Distinct, _rfm_arrays(x, t_x, T)))
     return np.exp(alive - np.logaddexp(alive, dropped))
 
 
@@ -1012,17 +1039,17 @@ def fit_bgnbd(
     xs, txs, ts = _rfm_arrays(x, t_x, T)
     _require_customers(xs, minimum_buyers=1, model="BG/NBD")
     scale = _scale(ts, time_scale, "time_scale")
-    sx, st = txs / scale, ts / scale
+    scaled = _Distinct.of(xs), _Distinct.of(txs / scale), _Distinct.of(ts / scale)
 
     def mean_ll(log_params: FloatArray) -> float:
-        return float(np.mean(_bgnbd_ll(*np.exp(log_params), xs, sx, st)))
+        return float(np.mean(_bgnbd_ll(*np.exp(log_params), *scaled)))
 
-    alpha0 = _rate_scale(xs, st)
+    alpha0 = _rate_scale(xs, ts / scale)
     starts = [(1.0, alpha0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 2.0)]
     optimum = _maximise(mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD")
     r, alpha, a, b = np.exp(optimum.log_params)
     params = BGNBDParams(r=float(r), alpha=float(alpha * scale), a=float(a), b=float(b))
-    return _fit(params, _bgnbd_ll(*params.as_tuple(), xs, txs, ts), optimum, xs.size)
+    return _fit(params, bgnbd_log_likelihood(params, xs, txs, ts), optimum, xs.size)
 
 
 def fit_pareto_nbd(
