@@ -33,6 +33,7 @@ CANONICAL_COLUMNS = (
 EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
 ENGINES = ("duckdb", "spark")
+ATTRIBUTIONS = ("treeshap", "path")  # score.attribution: exact TreeSHAP, or path (Saabas)
 RFM_SEGMENTS = (
     "Champions",
     "Loyal",
@@ -176,6 +177,7 @@ class ScoreSettings:
     risk_tiers: dict[str, float] = field(default_factory=lambda: {"high": 0.7, "medium": 0.4})
     n_reasons: int = 3
     chunk_rows: int = 100_000
+    attribution: str = "treeshap"
 
 
 @dataclass(frozen=True)
@@ -449,6 +451,10 @@ def _validate(s: Settings) -> None:
             f"bins={d.bins}, warn_psi={d.warn_psi}, fail_psi={d.fail_psi}"
         )
     _positive("score", chunk_rows=s.score.chunk_rows, n_reasons=s.score.n_reasons)
+    if s.score.attribution not in ATTRIBUTIONS:
+        raise ParamsError(
+            f"params: score.attribution must be one of {ATTRIBUTIONS}, got {s.score.attribution!r}"
+        )
     _validate_actions(s.actions, s.score.risk_tiers)
     if not all(0 < v < 1 for v in s.actions.value_bands.values()):
         raise ParamsError(

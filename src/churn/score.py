@@ -334,7 +334,8 @@ def _finished_rows(
             "model_version": model_version,
         }
     )
-    reasons = explain(model.contributions(frame), frame, n=settings.n_reasons)
+    contributions = model.contributions(frame, settings.attribution)
+    reasons = explain(contributions, frame, n=settings.n_reasons)
     out = out.join(reasons.reset_index(drop=True))
     for column in ("action", "action_cost", "expected_value_saved", "selected"):
         out[column] = rows[column].to_numpy()
