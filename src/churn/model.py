@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def compile_booster(booster_file: Path, cache: Path | None = None) -> lleaves.Mo
     versions and the CPU, so only the first load of a model on a machine compiles it."""
     cpu = f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"
     digest = hashlib.sha256(booster_file.read_bytes())
-    digest.update(f"{_version('lleaves')} {llvmlite.__version__} {cpu}".encode())
+    digest.update(f"{version('lleaves')} {llvmlite.__version__} {cpu}".encode())
     folder = cache or Path(tempfile.gettempdir()) / "churn-compiled"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{digest.hexdigest()[:32]}.o"
@@ -199,12 +200,6 @@ def path_contributions(
         shape=(n, table.shape[0]),
     )
     return (hits @ table).toarray()
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 class ChurnModel(mlflow.pyfunc.PythonModel):
