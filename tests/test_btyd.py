@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import integrate, special
 
-from churn import ChurnError
+from churn import ChurnError, btyd
 from churn.btyd import (
     BGNBDParams,
     BTYDFitError,
@@ -326,6 +326,46 @@ def test_bgnbd_recovers_simulated_parameters() -> None:
     data = _simulate_bgnbd(rng, truth, rng.uniform(52, 156, 20_000), horizon=0.0)
     fit = fit_bgnbd(data["x"], data["t_x"], data["T"])
     assert np.abs(_relative_errors(fit.params, truth)).max() < 0.15
+
+
+def test_bgnbd_one_dropout_probability_is_the_limit_of_a_growing_beta() -> None:
+    x, t_x, age = (
+        np.array([0.0, 1.0, 7.0]),
+        np.array([0.0, 3.0, 40.0]),
+        np.array([10.0, 30.0, 52.0]),
+    )
+    summary = [btyd._Distinct(v) for v in (x, t_x, age)]
+    limit = btyd._bgnbd_one_dropout_ll(0.9, 5.0, 0.03, *summary)
+    near = bgnbd_log_likelihood(BGNBDParams(r=0.9, alpha=5.0, a=0.03e8, b=0.97e8), x, t_x, age)
+    np.testing.assert_allclose(limit, near, rtol=0, atol=1e-5)
+
+
+def test_bgnbd_expected_purchases_at_the_limit_continue_the_general_case() -> None:
+    x, age, horizon = np.array([0.0, 1.0, 12.0, 100.0]), np.array([10.0, 50.0, 100.0, 150.0]), 52.0
+    by_formula = btyd._bgnbd_expected_given_alive(1.8, 10.0, 2e4, 9.8e5, x, age, horizon)
+    general = btyd._bgnbd_expected_given_alive(1.8, 10.0, 1.98e4, 9.702e5, x, age, horizon)
+    np.testing.assert_allclose(by_formula, general, rtol=1e-4)
+    no_dropout = (1.8 + x) * horizon / (10.0 + age)  # p -> 0: the NBD's expectation
+    tiny = btyd._bgnbd_expected_given_alive(1.8, 10.0, 1e-3, 1e6, x, age, horizon)
+    np.testing.assert_allclose(tiny, no_dropout, rtol=1e-5)
+
+
+def test_bgnbd_fit_takes_the_limit_when_every_customer_has_one_dropout_probability() -> None:
+    # Beta(2e4, 1e6): the dropout probability is 0.0196 for everyone, give or take 0.0001;
+    # the likelihood rises ever more slowly with a + b, along a ridge optimisers wander on
+    truth = BGNBDParams(r=1.8, alpha=10.0, a=2e4, b=1e6)
+    rng = np.random.default_rng(20240504)
+    data = _simulate_bgnbd(rng, truth, rng.uniform(52, 156, 20_000), horizon=0.0)
+    fit = fit_bgnbd(data["x"], data["t_x"], data["T"])
+    p = fit.params
+    assert fit.method.endswith("one dropout probability")
+    assert p.a + p.b == pytest.approx(1e6)
+    assert p.a / (p.a + p.b) == pytest.approx(2e4 / 1.02e6, rel=0.1)
+    assert p.r == pytest.approx(1.8, rel=0.1)
+    assert p.alpha == pytest.approx(10.0, rel=0.1)
+    assert fit.log_likelihood == pytest.approx(
+        np.sum(bgnbd_log_likelihood(p, data["x"], data["t_x"], data["T"]))
+    )
 
 
 def test_pareto_nbd_recovers_simulated_parameters() -> None:

@@ -272,6 +272,25 @@ def _bgnbd_ll(
     return common + np.logaddexp(alive, dropped)
 
 
+def _bgnbd_one_dropout_ll(
+    r: float,
+    alpha: float,
+    p: float,
+    x: _Distinct,
+    t_x: _Distinct,
+    T: _Distinct,  # noqa: N803
+) -> FloatArray:
+    """The BG/NBD log-likelihood in its limit a + b -> infinity at a / (a + b) = p: every
+    customer drops out after a purchase with the same probability ``p``."""
+    r_x = r + x.full
+    common = x.map(
+        lambda v: special.gammaln(r + v) - special.gammaln(r) + r * np.log(alpha) + v * np.log1p(-p)
+    )
+    alive = -r_x * T.map(lambda v: np.log(alpha + v))
+    dropped = np.log(p) - np.log1p(-p) - r_x * t_x.map(lambda v: np.log(alpha + v))
+    return common + np.logaddexp(alive, np.where(x.map(lambda v: v > 0), dropped, -np.inf))
+
+
 def bgnbd_log_likelihood(
     params: BGNBDParams,
     x: ArrayLike,
@@ -453,7 +472,13 @@ def _bgnbd_expected_given_alive(
 ) -> FloatArray:
     """Closed form where scipy's 2F1 is reliable (z <= 0.9, away from the 0/0 points a = 1
     and c = 0); quadrature elsewhere, and wherever the closed form is not finite; once per
-    distinct (x, T, horizon)."""
+    distinct (x, T, horizon). At the fit's one-dropout limit (a + b >= 1e6, dropout
+    probability p = a / (a + b) for everyone) the 2F1 tends to (1 - (1 - p) z)^-(r + x), and
+    the expectation is (1 - ((alpha + T) / (alpha + T + p horizon))^(r + x)) / p."""
+    if a + b >= _ONE_DROPOUT:
+        p = a / (a + b)
+        shrink = np.log(alpha + T) - np.log(alpha + T + p * horizon)
+        return -np.expm1((r + x) * shrink) / p
     x, T, horizon = np.broadcast_arrays(x, T, horizon)  # noqa: N806
     shape = x.shape
     first, codes = _distinct_rows(x.ravel(), T.ravel(), horizon.ravel())
@@ -963,12 +988,14 @@ def _maximise(
     *,
     names: Sequence[str],
     model: str,
+    to_theta: Callable[[FloatArray], FloatArray] = np.log,
 ) -> _Optimum:
-    """Try L-BFGS-B, then Nelder-Mead from where it stopped, from each start in turn."""
+    """Try L-BFGS-B, then Nelder-Mead from where it stopped, from each start in turn;
+    ``to_theta`` maps a start to the optimiser's coordinates (default: logs)."""
     objective = _penalised(mean_ll)
     failures: list[str] = []
     for start in starts:
-        x0 = np.log(np.asarray(start, dtype=np.float64))
+        x0 = to_theta(np.asarray(start, dtype=np.float64))
         for method in ("L-BFGS-B", "Nelder-Mead"):
             result = _minimise(objective, x0, method)
             edge = _boundary_names(result.x, names)
@@ -1010,6 +1037,61 @@ def _fit(params: P, log_likelihood: FloatArray, optimum: _Optimum, n: int) -> BT
     return BTYDFit(params, total, True, optimum.iterations, optimum.method, n)
 
 
+# a + b values at which a spread of dropout probabilities is tried against none
+_SPREADS = (1.0, 10.0, 1e2, 1e3, 1e4)
+_ONE_DROPOUT = 1e6  # a + b that stands for the limit: probabilities within 1e-6 of it
+# the 5 % critical value of the likelihood-ratio test for a parameter at its boundary
+# (chi-square mixture: 2.71 / 2 log-likelihood units)
+_NO_EVIDENCE = 1.35
+
+
+def _bgnbd_one_dropout(
+    scaled: tuple[_Distinct, _Distinct, _Distinct], alpha0: float
+) -> _Optimum | None:
+    """The BG/NBD fit in its one-dropout-probability limit, when the data show no spread in
+    customers' dropout probabilities; ``None`` when they do, or when a fit fails.
+
+    Without such a spread the likelihood barely changes as a + b grows at a fixed
+    a / (a + b): optimisers in (a, b) then wander along a flat ridge. The limit has three
+    parameters (r, alpha, a / (a + b)) and a proper maximum. It is taken when the same three
+    parameters fitted at each a + b in ``_SPREADS`` never beat it by ``_NO_EVIDENCE``
+    (a likelihood-ratio test on a profile of a + b); it is returned as a + b = 1e6.
+    """
+    n = scaled[0].full.size
+
+    def fitted(kappa: float | None) -> tuple[_Optimum, float]:
+        def ll(theta: FloatArray) -> float:
+            r, alpha = np.exp(theta[:2])
+            p = special.expit(theta[2])
+            if kappa is None:
+                return float(np.mean(_bgnbd_one_dropout_ll(r, alpha, p, *scaled)))
+            return float(np.mean(_bgnbd_ll(r, alpha, p * kappa, (1 - p) * kappa, *scaled)))
+
+        optimum = _maximise(
+            ll,
+            [(1.0, alpha0, 0.1), (1.0, 1.0, 0.5)],
+            names=("r", "alpha", "a/(a+b)"),
+            model="BG/NBD at a fixed a + b",
+            to_theta=lambda start: np.array([*np.log(start[:2]), special.logit(start[2])]),
+        )
+        return optimum, ll(optimum.log_params) * n
+
+    try:
+        limit, limit_ll = fitted(None)
+        if max(fitted(kappa)[1] for kappa in _SPREADS) - limit_ll > _NO_EVIDENCE:
+            return None
+    except BTYDFitError:
+        return None
+    log_r, log_alpha, logit_p = limit.log_params
+    p = special.expit(logit_p)
+    log_ab = [np.log(p * _ONE_DROPOUT), np.log((1 - p) * _ONE_DROPOUT)]
+    return _Optimum(
+        np.array([log_r, log_alpha, *log_ab]),
+        limit.iterations,
+        f"{limit.method}, one dropout probability",
+    )
+
+
 def fit_bgnbd(
     x: ArrayLike,
     t_x: ArrayLike,
@@ -1045,8 +1127,10 @@ def fit_bgnbd(
         return float(np.mean(_bgnbd_ll(*np.exp(log_params), *scaled)))
 
     alpha0 = _rate_scale(xs, ts / scale)
-    starts = [(1.0, alpha0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 2.0)]
-    optimum = _maximise(mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD")
+    optimum = _bgnbd_one_dropout(scaled, alpha0)
+    if optimum is None:
+        starts = [(1.0, alpha0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 2.0)]
+        optimum = _maximise(mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD")
     r, alpha, a, b = np.exp(optimum.log_params)
     params = BGNBDParams(r=float(r), alpha=float(alpha * scale), a=float(a), b=float(b))
     return _fit(params, bgnbd_log_likelihood(params, xs, txs, ts), optimum, xs.size)
