@@ -242,11 +242,24 @@ def _bgnbd_terms(
 ) -> tuple[FloatArray, FloatArray]:
     """Log of the 'alive at T' and 'dropped out after t_x' parts of the BG/NBD likelihood,
     without the factor common to both."""
+    # for x = 0 the term is -inf; any value of the log keeps the arithmetic finite
+    log_odds = x.map(lambda v: np.log(a) - np.log(b + np.maximum(v, 1.0) - 1.0))
+    return _alive_and_dropped(r, alpha, log_odds, x, t_x, T)
+
+
+def _alive_and_dropped(
+    r: float,
+    alpha: float,
+    log_odds: FloatArray | float,
+    x: _Distinct,
+    t_x: _Distinct,
+    T: _Distinct,  # noqa: N803
+) -> tuple[FloatArray, FloatArray]:
+    """The two parts of :func:`_bgnbd_terms`, given the log odds of having dropped out right
+    after the last purchase (a / (b + x - 1); p / (1 - p) at the one-dropout limit)."""
     r_x = r + x.full
     alive = -r_x * T.map(lambda v: np.log(alpha + v))
-    # for x = 0 the term is -inf; any value of the log keeps the arithmetic finite
-    log_ab = x.map(lambda v: np.log(a) - np.log(b + np.maximum(v, 1.0) - 1.0))
-    dropped = log_ab - r_x * t_x.map(lambda v: np.log(alpha + v))
+    dropped = log_odds - r_x * t_x.map(lambda v: np.log(alpha + v))
     return alive, np.where(x.map(lambda v: v > 0), dropped, -np.inf)
 
 
@@ -282,13 +295,11 @@ def _bgnbd_one_dropout_ll(
 ) -> FloatArray:
     """The BG/NBD log-likelihood in its limit a + b -> infinity at a / (a + b) = p: every
     customer drops out after a purchase with the same probability ``p``."""
-    r_x = r + x.full
     common = x.map(
         lambda v: special.gammaln(r + v) - special.gammaln(r) + r * np.log(alpha) + v * np.log1p(-p)
     )
-    alive = -r_x * T.map(lambda v: np.log(alpha + v))
-    dropped = np.log(p) - np.log1p(-p) - r_x * t_x.map(lambda v: np.log(alpha + v))
-    return common + np.logaddexp(alive, np.where(x.map(lambda v: v > 0), dropped, -np.inf))
+    alive, dropped = _alive_and_dropped(r, alpha, np.log(p) - np.log1p(-p), x, t_x, T)
+    return common + np.logaddexp(alive, dropped)
 
 
 def bgnbd_log_likelihood(
