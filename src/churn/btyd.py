@@ -22,6 +22,7 @@ Fader & Hardie (2005), "A note on deriving the Pareto/NBD model and related expr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import Generic, TypeVar
@@ -415,10 +416,12 @@ def _log_bgnbd_purchases_given_p(log_p: FloatArray, m: FloatArray, log_k: FloatA
     return np.where(tiny, np.log(m) + log_k, exact)
 
 
+@functools.lru_cache(maxsize=4096)
 def _beta_gauss_rule(a: float, b: float, n: int = 32) -> tuple[FloatArray, FloatArray]:
     """Gauss nodes ``p`` and weights for E[f(p)], p ~ Beta(a, b): Golub-Welsch on the Jacobi
     recurrence, with weights normalised to sum to one, so no Beta function is evaluated and
-    huge ``a`` and ``b`` stay finite."""
+    huge ``a`` and ``b`` stay finite. Cached, read-only: expected purchases over several
+    horizons and batches of customers ask for the same rules."""
     alpha, beta = b - 1.0, a - 1.0  # Jacobi weight (1 - t)^alpha (1 + t)^beta, p = (1 + t) / 2
     k = np.arange(1.0, n)
     s = 2.0 * k + alpha + beta
@@ -427,8 +430,11 @@ def _beta_gauss_rule(a: float, b: float, n: int = 32) -> tuple[FloatArray, Float
     diagonal[1:] = (beta - alpha) * (beta + alpha) / (s * (s + 2.0))
     off = 2.0 / s * np.sqrt(k * (k + alpha) * (k + beta) * (k + alpha + beta) / ((s + 1) * (s - 1)))
     t, vectors = linalg.eigh_tridiagonal(diagonal, off)
-    weight = vectors[0] ** 2
-    return (1.0 + t) / 2.0, weight / weight.sum()
+    nodes, weight = (1.0 + t) / 2.0, vectors[0] ** 2
+    weight /= weight.sum()
+    nodes.setflags(write=False)
+    weight.setflags(write=False)
+    return nodes, weight
 
 
 def _bgnbd_expected_quadrature(
