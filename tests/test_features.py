@@ -365,3 +365,26 @@ def test_season_prior_is_the_churn_rate_a_year_earlier(tiny_tx):
     # Nobody active a year before; a year before lies before the data.
     assert season_prior(past, date(2021, 4, 1), SETTINGS) is None
     assert season_prior(past, date(2019, 6, 1), SETTINGS) is None
+
+
+def test_season_prior_counts_the_customers_of_one_horizon_before():
+    # A year before 2022-04-01, with a 30-day horizon: F and G bought in the 30 days before
+    # 2021-04-01 and G bought again within 30 days after it: one of two churned. E bought
+    # 80 days before and came back, but is not in the prior (with E it would be 1/3).
+    rows = [
+        ("Z", "O0", "2020-01-01 12:00", 5.0),
+        ("Y", "O6", "2020-01-10 12:00", 5.0),
+        ("Z", "O7", "2020-02-01 12:00", 5.0),
+        ("E", "O1", "2021-01-10 12:00", 10.0),
+        ("E", "O2", "2021-04-15 12:00", 10.0),
+        ("F", "O3", "2021-03-20 12:00", 10.0),
+        ("G", "O4", "2021-03-25 12:00", 10.0),
+        ("G", "O5", "2021-04-20 12:00", 10.0),
+    ]
+    con = ibis.duckdb.connect()
+    past = history(with_day(con.create_table("tx", tx(rows))), SETTINGS)
+    assert season_prior(past, date(2022, 4, 1), SETTINGS) == 0.5
+    # A year before 2021-01-20 is 2020-01-21. Of Z and Y, who bought in the 30 days before,
+    # Y churned; but those 30 days start before the first day, 2020-01-01: no prior.
+    assert season_prior(past, date(2021, 1, 20), SETTINGS) is None
+    assert season_prior(past, date(2021, 1, 30), SETTINGS) == 0.5  # from 2020-01-01 on

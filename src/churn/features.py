@@ -383,22 +383,26 @@ def churn_labels(history: History, cutoff: date, horizon_days: int) -> ir.Table:
 
 
 def season_prior(history: History, cutoff: date, settings: FeatureSettings) -> float | None:
-    """The churn rate a year before ``cutoff``: customers active at ``cutoff - 365`` days who
-    made no purchase in the horizon after it, all observed before ``cutoff``.
+    """The churn rate a year before ``cutoff``: customers with a purchase in the horizon
+    before ``cutoff - 365`` days who made none in the horizon after it, all observed before
+    ``cutoff``.
 
     It is the base rate of the same season, for the model to move its probabilities from
-    the validation snapshot's season to this one's. None when the day a year before
-    ``cutoff`` is not after the history's first day, or when the horizon is longer than a
+    the validation snapshot's season to this one's. Its customers are those of one horizon
+    before, whatever the cutoff, so the priors of two cutoffs compare like with like even
+    where the data do not reach a whole lookback before the earlier one. None when that
+    horizon starts before the history's first day, or when the horizon is longer than a
     year.
     """
-    previous = cutoff - timedelta(days=365)
+    previous = day_number(cutoff - timedelta(days=365))
+    horizon = settings.horizon_days
     first_day = history.first_day
-    if settings.horizon_days > 365 or first_day is None or day_number(previous) <= first_day:
+    if horizon > 365 or first_day is None or previous - horizon < first_day:
         return None
-    orders = purchase_orders(history, previous)
-    active = orders.filter(orders.day >= day_number(previous) - settings.active_lookback_days)
-    active = active.select("customer_id").distinct()
-    labels = churn_labels(history, previous, settings.horizon_days)
+    days = history.line_days
+    buyers = days.filter(days.purchased, days.day >= previous - horizon, days.day < previous)
+    active = buyers.select("customer_id").distinct()
+    labels = churn_labels(history, cutoff - timedelta(days=365), horizon)
     labelled = active.left_join(labels, "customer_id")
     rate = labelled.bought.isnull().cast("float64").mean().execute()
     return float(rate) if rate is not None and 0 < rate < 1 else None
