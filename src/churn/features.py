@@ -394,15 +394,15 @@ def season_prior(history: History, cutoff: date, settings: FeatureSettings) -> f
     horizon starts before the history's first day, or when the horizon is longer than a
     year.
     """
-    previous = day_number(cutoff - timedelta(days=365))
-    horizon = settings.horizon_days
+    year_before = cutoff - timedelta(days=365)
+    previous, horizon = day_number(year_before), settings.horizon_days
     first_day = history.first_day
     if horizon > 365 or first_day is None or previous - horizon < first_day:
         return None
     days = history.line_days
     buyers = days.filter(days.purchased, days.day >= previous - horizon, days.day < previous)
     active = buyers.select("customer_id").distinct()
-    labels = churn_labels(history, cutoff - timedelta(days=365), horizon)
+    labels = churn_labels(history, year_before, horizon)
     labelled = active.left_join(labels, "customer_id")
     rate = labelled.bought.isnull().cast("float64").mean().execute()
     return float(rate) if rate is not None and 0 < rate < 1 else None
