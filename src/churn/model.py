@@ -202,6 +202,14 @@ def path_contributions(
     return (hits @ table).toarray()
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the system has one (Linux),
+    else every CPU (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ChurnModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper; artifacts ``booster`` (LightGBM text) and ``card`` (JSON).
 
@@ -254,7 +262,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
             return self._booster.predict(matrix, num_iteration=self._card.best_iteration)
         if self._compiled is None:
             self._compiled = compile_booster(self.booster_file)
-        return self._compiled.predict(matrix, n_jobs=len(os.sched_getaffinity(0)))
+        return self._compiled.predict(matrix, n_jobs=_usable_cpus())
 
     def contributions(self, frame: pd.DataFrame, method: str = "treeshap") -> pd.DataFrame:
         """Per-feature contributions to the raw log-odds, one column per feature: TreeSHAP,
