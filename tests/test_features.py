@@ -370,7 +370,7 @@ def test_season_prior_is_the_churn_rate_a_year_earlier(tiny_tx):
 def test_season_prior_counts_the_customers_of_one_horizon_before():
     # A year before 2022-04-01, with a 30-day horizon: F and G bought in the 30 days before
     # 2021-04-01 and G bought again within 30 days after it: one of two churned. E bought
-    # 80 days before and came back, but is not in the prior (with E it would be 1/3).
+    # 81 days before and came back, but is not in the prior (with E it would be 1/3).
     rows = [
         ("Z", "O0", "2020-01-01 12:00", 5.0),
         ("Y", "O6", "2020-01-10 12:00", 5.0),
