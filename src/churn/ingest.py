@@ -331,7 +331,8 @@ def _read_unique(
     names: tuple[str, ...],
     section: str,
 ) -> tuple[ir.Table, dict[str, int], list[Path]]:
-    """All exports of one source, exact duplicate lines removed, as text; rows per file."""
+    """All exports of one source, exact duplicate lines removed, as text (an expression the
+    caller computes once); rows per file."""
     files = expand_inputs(source.path, section=section)
     per_file, frames = {}, []
     for path in files:
@@ -344,11 +345,7 @@ def _read_unique(
     if sum(per_file.values()) == 0:
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
     unique = ibis.union(*frames, distinct=True) if len(frames) > 1 else frames[0].distinct()
-    return (
-        materialise(con, f"unique_{section.rpartition('.')[2]}", unique),
-        per_file,
-        files,
-    )
+    return unique, per_file, files
 
 
 def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> IngestSummary:
@@ -382,7 +379,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
     event_tables = _ingest_events(events, engine) if has_events else None
     lines = canonical(parsed)
     if source.columns.get("order_id"):
-        lines = materialise(con, "canonical_lines", match_returns(lines))
+        lines = match_returns(lines)
     else:  # without order ids there is no order to link a return to
         lines = lines.mutate(matched_order_id=ibis.null("string"))
     write_parquet(lines, paths.transactions)
@@ -396,7 +393,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         write_parquet(kept, paths.events)
         write_parquet(rejected, paths.event_rejects)
         report = {**_report(summary), "events": _report(event_summary)}
-    report["returns"] = return_matches(lines)
+    report["returns"] = return_matches(con.read_parquet(paths.transactions))
     if rates:
         report["currency"] = currency_report(parsed, source.reporting_currency, rates)
     write_json(report, paths.ingest_report)
