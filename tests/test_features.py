@@ -96,6 +96,22 @@ def test_single_purchase_customer_has_no_gap():
     assert np.isnan(snap.loc["E", "overdue_ratio"])
 
 
+def test_basket_size_counts_each_product_of_an_order_once():
+    rows = [
+        ("X", "O1", "2020-12-01 10:00", 5.0, "P1"),
+        ("X", "O1", "2020-12-01 10:00", 5.0, "P1"),  # the same product again
+        ("X", "O1", "2020-12-01 10:00", 5.0, "P2"),
+        ("X", "O1", "2020-12-01 10:00", 5.0),  # a line without a product
+        ("X", "O2", "2021-03-20 10:00", 5.0, "P3"),
+    ]
+    x = _snapshot(tx(rows)).loc["X"]
+    assert x["frequency"] == 2
+    assert x["monetary"] == 25.0
+    assert x["mean_basket_products"] == 1.5  # 2 products in O1, 1 in O2
+    assert x["basket_size_trend"] == 0.5  # O2 (recent) against O1 (121 days before)
+    assert x["distinct_products"] == 3
+
+
 def test_rows_at_or_after_cutoff_change_labels_only(tiny_tx):
     before = _snapshot(tiny_tx)
     later = tx(
