@@ -399,11 +399,10 @@ def season_prior(history: History, cutoff: date, settings: FeatureSettings) -> f
     first_day = history.first_day
     if horizon > 365 or first_day is None or previous - horizon < first_day:
         return None
-    days = history.line_days
-    buyers = days.filter(days.purchased, days.day >= previous - horizon, days.day < previous)
-    active = buyers.select("customer_id").distinct()
+    # The buyers of the horizon before the day a year earlier, and those who bought again.
+    buyers = churn_labels(history, year_before - timedelta(days=horizon), horizon)
     labels = churn_labels(history, year_before, horizon)
-    labelled = active.left_join(labels, "customer_id")
+    labelled = buyers.select("customer_id").left_join(labels, "customer_id")
     rate = labelled.bought.isnull().cast("float64").mean().execute()
     return float(rate) if rate is not None and 0 < rate < 1 else None
 
