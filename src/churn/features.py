@@ -550,7 +550,8 @@ def snapshot_frame(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Execute a snapshot expression into a tidy, deterministically ordered pandas frame with
     RFM scores and BTYD features; also return the BTYD fit report per cutoff."""
-    frame = expr.to_pandas()
+    # Through Arrow: Ibis's own to_pandas turns every column with a null into Python objects.
+    frame = expr.to_pyarrow().to_pandas()
     # Parallel float sums differ in the last bits from run to run; rounding keeps reruns equal.
     floats = frame.select_dtypes("float").columns
     frame[floats] = frame[floats].round(9)
