@@ -350,6 +350,25 @@ def test_bgnbd_expected_purchases_at_the_limit_continue_the_general_case() -> No
     np.testing.assert_allclose(tiny, no_dropout, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "params", [BGNBD, BGNBDParams(r=1.8, alpha=10.0, a=2e4, b=9.8e5)], ids=["cdnow", "limit"]
+)
+def test_bgnbd_discounted_purchases_equal_the_discounted_expectations(params) -> None:
+    # repeated (x, T) pairs with different t_x share their expectation given alive
+    x = np.array([0.0, 2.0, 2.0, 2.0, 7.0, 40.0])
+    t_x = np.array([0.0, 5.0, 30.0, 30.0, 38.0, 39.0])
+    T = np.array([39.0, 39.0, 39.0, 39.0, 39.0, 52.0])  # noqa: N806
+    slow = btyd.discounted_purchases(
+        lambda h: bgnbd_expected_purchases(params, x, t_x, T, horizon=h),
+        horizon=52.0,
+        periods=12,
+        rate=0.1,
+    )
+    got = btyd.bgnbd_discounted_purchases(params, x, t_x, T, horizon=52.0, periods=12, rate=0.1)
+    np.testing.assert_allclose(got, slow, rtol=1e-12)
+    assert got[1] < got[2] == got[3]  # the same x and T, an earlier last purchase: less alive
+
+
 def test_bgnbd_fit_takes_the_limit_when_every_customer_has_one_dropout_probability() -> None:
     # Beta(2e4, 1e6): the dropout probability is 0.0196 for everyone, give or take 0.0001;
     # the likelihood rises ever more slowly with a + b, along a ridge optimisers wander on

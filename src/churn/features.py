@@ -515,11 +515,8 @@ def btyd_features(
     out["bgnbd_expected_purchases"] = btyd.bgnbd_expected_purchases(
         params, x, t_x, age, horizon=horizon
     )
-    purchases = btyd.discounted_purchases(
-        lambda h: btyd.bgnbd_expected_purchases(params, x, t_x, age, horizon=h),
-        horizon=year,
-        periods=12,
-        rate=settings.annual_discount_rate,
+    purchases = btyd.bgnbd_discounted_purchases(
+        params, x, t_x, age, horizon=year, periods=12, rate=settings.annual_discount_rate
     )
     if spend.params.q > 1:
         per_purchase = btyd.gamma_gamma_expected_spend(spend.params, x, spend_per_day)
