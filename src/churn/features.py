@@ -437,16 +437,16 @@ def rfm_scores(snapshot: pd.DataFrame) -> pd.DataFrame:
     >>> rfm_scores(frame)[["r_score", "f_score", "m_score"]].values.tolist()[0]
     [5, 5, 5]
     """
-    out = snapshot.copy()
+    scores = {}
     for name, column, sign in (
         ("r_score", "recency_days", -1),
         ("f_score", "frequency", 1),
         ("m_score", "monetary", 1),
     ):
-        pct = (sign * out[column]).groupby(out["cutoff"]).rank(method="average", pct=True)
-        out[name] = np.clip(np.ceil(pct * 5), 1, 5).astype("int64")
-    out["rfm_segment"] = rfm_segment(out["r_score"].to_numpy(), out["f_score"].to_numpy())
-    return out
+        pct = (sign * snapshot[column]).groupby(snapshot["cutoff"]).rank(method="average", pct=True)
+        scores[name] = np.clip(np.ceil(pct * 5), 1, 5).astype("int64")
+    segment = rfm_segment(scores["r_score"].to_numpy(), scores["f_score"].to_numpy())
+    return snapshot.assign(**scores, rfm_segment=segment)
 
 
 def rfm_segment(r: np.ndarray, f: np.ndarray) -> np.ndarray:
@@ -547,20 +547,18 @@ def snapshot_frame(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Execute a snapshot expression into a tidy, deterministically ordered pandas frame with
     RFM scores and BTYD features; also return the BTYD fit report per cutoff."""
-    # Through Arrow: Ibis's own to_pandas turns every column with a null into Python objects.
-    frame = expr.to_pyarrow().to_pandas()
-    # Parallel float sums differ in the last bits from run to run; rounding keeps reruns equal.
-    floats = frame.select_dtypes("float").columns
-    frame[floats] = frame[floats].round(9)
-    frame["cutoff"] = pd.to_datetime(frame["cutoff"]).dt.date
-    frame = frame.sort_values(["cutoff", "customer_id"], kind="stable").reset_index(drop=True)
-    frame = rfm_scores(frame)
+    # Parallel float sums differ in the last bits from run to run; rounding keeps reruns
+    # equal. Rounded and sorted by the engine (faster than pandas or Arrow at it), and read
+    # through Arrow: Ibis's own to_pandas turns every column holding a null into objects.
+    floats = [name for name, dtype in expr.schema().items() if dtype.is_floating()]
+    expr = expr.mutate(**{name: expr[name].round(9) for name in floats})
+    frame = rfm_scores(expr.order_by("cutoff", "customer_id").to_pyarrow().to_pandas())
     parts, fits = [], {}
     for cutoff, rows in frame.groupby("cutoff", sort=True):
         part, fits[str(cutoff)] = btyd_features(rows, settings, cutoff)
         parts.append(part)
     columns = pd.concat(parts) if parts else pd.DataFrame(columns=[*BTYD_COLUMNS, "clv_12m"])
-    return frame.join(columns.round(9)), fits
+    return frame.assign(**columns.round(9)), fits
 
 
 def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> dict[str, Any]:
