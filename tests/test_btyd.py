@@ -334,10 +334,36 @@ def test_bgnbd_one_dropout_probability_is_the_limit_of_a_growing_beta() -> None:
         np.array([0.0, 3.0, 40.0]),
         np.array([10.0, 30.0, 52.0]),
     )
-    summary = [btyd._Distinct(v) for v in (x, t_x, age)]
-    limit = btyd._bgnbd_one_dropout_ll(0.9, 5.0, 0.03, *summary)
     near = bgnbd_log_likelihood(BGNBDParams(r=0.9, alpha=5.0, a=0.03e8, b=0.97e8), x, t_x, age)
-    np.testing.assert_allclose(limit, near, rtol=0, atol=1e-5)
+    for i, expected in enumerate(near):
+        customer = [btyd._Distinct(v[i : i + 1]) for v in (x, t_x, age)]
+        limit, _ = btyd._one_dropout_mean_ll(0.9, 5.0, 0.03, *customer)
+        assert limit == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mean_ll", "params"),
+    [
+        (btyd._bgnbd_mean_ll, (0.2426, 4.4136, 0.7929, 2.4259)),
+        (btyd._bgnbd_mean_ll, (2.0, 1.5, 3.0, 0.7)),
+        (btyd._one_dropout_mean_ll, (0.5, 0.3, 0.1)),
+        (btyd._one_dropout_mean_ll, (2.0, 1.5, 0.6)),
+    ],
+    ids=["cdnow", "b<1", "limit-small-p", "limit-large-p"],
+)
+def test_bgnbd_likelihood_gradients_match_finite_differences(mean_ll, params) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.poisson(2, 500).astype(float)
+    T = rng.uniform(0.2, 40.0, 500)  # noqa: N806
+    t_x = np.where(x > 0, T * rng.uniform(0, 1, 500), 0.0)
+    summary = [btyd._Distinct.of(v) for v in (x, t_x, T)]
+    _, gradient = mean_ll(*params, *summary)
+    step = 1e-6 * np.array(params)
+    for k, h in enumerate(step):
+        up, down = np.array(params), np.array(params)
+        up[k], down[k] = up[k] + h, down[k] - h
+        central = (mean_ll(*up, *summary)[0] - mean_ll(*down, *summary)[0]) / (2 * h)
+        assert gradient[k] == pytest.approx(central, rel=1e-5, abs=1e-8)
 
 
 def test_bgnbd_expected_purchases_at_the_limit_continue_the_general_case() -> None:
@@ -599,6 +625,27 @@ def test_fit_without_repeat_purchases_raises() -> None:
 def test_fit_error_is_a_churn_and_value_error() -> None:
     assert issubclass(BTYDFitError, ChurnError)
     assert issubclass(BTYDFitError, ValueError)
+
+
+def test_optimiser_takes_a_failed_line_search_where_the_gradient_vanishes() -> None:
+    # Near its maximum the BG/NBD likelihood of large a and b is noise at its precision: no
+    # step lowers it, and the line search fails.
+    def noise_floor(gradient: float):
+        return lambda v: (-1.0 + 1e-9 * np.sin(1e9 * v).sum(), np.full(2, gradient))
+
+    start = [(1.0, 3.0)]
+    at_floor = _maximise(noise_floor(1e-7), start, names=("u", "v"), model="toy", jac=True)
+    assert at_floor.method == "L-BFGS-B, analytic gradient"
+    np.testing.assert_allclose(at_floor.log_params, [0.0, np.log(3.0)], atol=1e-5)
+    steep = _maximise(noise_floor(1e-4), start, names=("u", "v"), model="toy", jac=True)
+    assert steep.method == "Nelder-Mead"
+
+    def bowl(v: np.ndarray) -> tuple[float, np.ndarray]:
+        return -float(np.sum((v - 0.5) ** 2)), 2 * (v - 0.5)  # the gradient's sign is wrong
+
+    misled = _maximise(bowl, start, names=("u", "v"), model="toy", jac=True)
+    assert misled.method == "Nelder-Mead"
+    np.testing.assert_allclose(misled.log_params, [0.5, 0.5], atol=1e-6)
 
 
 def test_optimiser_falls_back_to_nelder_mead_then_raises() -> None:

@@ -139,7 +139,9 @@ class BTYDFit(Generic[P]):
     iterations : int
         Iterations of the optimiser that converged.
     method : str
-        That optimiser: ``"L-BFGS-B"`` or ``"Nelder-Mead"``.
+        That optimiser: ``"L-BFGS-B, analytic gradient"`` (BG/NBD), ``"L-BFGS-B"``
+        (finite differences) or ``"Nelder-Mead"``, and ``", one dropout probability"`` when
+        BG/NBD takes that limit.
     n_customers : int
         Customers in the likelihood.
     """
@@ -264,6 +266,19 @@ def _alive_and_dropped(
     return alive, np.where(x.map(lambda v: v > 0), dropped, -np.inf)
 
 
+def _bgnbd_common(r: float, alpha: float, a: float, b: float, x: _Distinct) -> FloatArray:
+    """The log of the factor of the BG/NBD likelihood common to both of its parts."""
+    return x.map(
+        lambda v: (
+            special.gammaln(r + v)
+            - special.gammaln(r)
+            + r * np.log(alpha)
+            + special.betaln(a, b + v)
+            - special.betaln(a, b)
+        )
+    )
+
+
 def _bgnbd_ll(
     r: float,
     alpha: float,
@@ -273,34 +288,84 @@ def _bgnbd_ll(
     t_x: _Distinct,
     T: _Distinct,  # noqa: N803
 ) -> FloatArray:
-    common = x.map(
-        lambda v: (
-            special.gammaln(r + v)
-            - special.gammaln(r)
-            + r * np.log(alpha)
-            + special.betaln(a, b + v)
-            - special.betaln(a, b)
-        )
-    )
     alive, dropped = _bgnbd_terms(r, alpha, a, b, x, t_x, T)
-    return common + np.logaddexp(alive, dropped)
+    return _bgnbd_common(r, alpha, a, b, x) + np.logaddexp(alive, dropped)
 
 
-def _bgnbd_one_dropout_ll(
+def _bgnbd_shares(alive: FloatArray, dropped: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """The log-sum of the two parts of the likelihood, and the share of 'dropped out after
+    t_x' in it (0 where x = 0)."""
+    total = np.logaddexp(alive, dropped)
+    return total, np.exp(dropped - total)
+
+
+def _bgnbd_rate_gradient(
+    r: float,
+    alpha: float,
+    dropped_share: FloatArray,
+    x: _Distinct,
+    t_x: _Distinct,
+    T: _Distinct,  # noqa: N803
+) -> tuple[FloatArray, FloatArray]:
+    """Per-customer derivatives of the BG/NBD log-likelihood in ``r`` and ``alpha``, which the
+    general model and its one-dropout limit share."""
+    w, r_x = dropped_share, r + x.full
+    d_r = (
+        x.map(lambda v: special.digamma(r + v) - special.digamma(r))
+        + np.log(alpha)
+        - (1 - w) * T.map(lambda v: np.log(alpha + v))
+        - w * t_x.map(lambda v: np.log(alpha + v))
+    )
+    d_alpha = r / alpha - r_x * (
+        (1 - w) * T.map(lambda v: 1 / (alpha + v)) + w * t_x.map(lambda v: 1 / (alpha + v))
+    )
+    return d_r, d_alpha
+
+
+def _bgnbd_mean_ll(
+    r: float,
+    alpha: float,
+    a: float,
+    b: float,
+    x: _Distinct,
+    t_x: _Distinct,
+    T: _Distinct,  # noqa: N803
+) -> tuple[float, FloatArray]:
+    """The mean of :func:`_bgnbd_ll` over the customers, and its gradient in (r, alpha, a, b)."""
+    total, w = _bgnbd_shares(*_bgnbd_terms(r, alpha, a, b, x, t_x, T))
+    d_r, d_alpha = _bgnbd_rate_gradient(r, alpha, w, x, t_x, T)
+    d_a = x.map(lambda v: special.digamma(a + b) - special.digamma(a + b + v)) + w / a
+    d_b = x.map(
+        lambda v: (
+            special.digamma(b + v)
+            - special.digamma(a + b + v)
+            - special.digamma(b)
+            + special.digamma(a + b)
+        )
+    ) - w / (b + np.maximum(x.full, 1.0) - 1.0)
+    value = np.mean(_bgnbd_common(r, alpha, a, b, x) + total)
+    return float(value), np.array([np.mean(d) for d in (d_r, d_alpha, d_a, d_b)])
+
+
+def _one_dropout_mean_ll(
     r: float,
     alpha: float,
     p: float,
     x: _Distinct,
     t_x: _Distinct,
     T: _Distinct,  # noqa: N803
-) -> FloatArray:
-    """The BG/NBD log-likelihood in its limit a + b -> infinity at a / (a + b) = p: every
-    customer drops out after a purchase with the same probability ``p``."""
+) -> tuple[float, FloatArray]:
+    """The BG/NBD log-likelihood in its limit a + b -> infinity at a / (a + b) = p (every
+    customer drops out after a purchase with the same probability ``p``): its mean over the
+    customers, and its gradient in (r, alpha, p)."""
     common = x.map(
         lambda v: special.gammaln(r + v) - special.gammaln(r) + r * np.log(alpha) + v * np.log1p(-p)
     )
-    alive, dropped = _alive_and_dropped(r, alpha, np.log(p) - np.log1p(-p), x, t_x, T)
-    return common + np.logaddexp(alive, dropped)
+    total, w = _bgnbd_shares(*_alive_and_dropped(r, alpha, np.log(p) - np.log1p(-p), x, t_x, T))
+    d_r, d_alpha = _bgnbd_rate_gradient(r, alpha, w, x, t_x, T)
+    d_p = w / (p * (1 - p)) - x.full / (1 - p)
+    value = np.mean(common + total)
+    return float(value), np.array([np.mean(d) for d in (d_r, d_alpha, d_p)])
 
 
 def bgnbd_log_likelihood(
@@ -995,27 +1060,46 @@ class _Optimum:
     method: str
 
 
-def _penalised(objective: Callable[[FloatArray], float]) -> Callable[[FloatArray], float]:
-    """Minimise -mean LL; non-finite values (far outside the data's range) become a wall."""
+def _penalised(
+    objective: Callable[[FloatArray], tuple[float, FloatArray | None]],
+) -> Callable[[FloatArray], tuple[float, FloatArray | None]]:
+    """Minimise -mean LL (and its gradient, when the objective gives one); non-finite values
+    (far outside the data's range) become a flat wall."""
 
-    def wrapped(log_params: FloatArray) -> float:
+    def wrapped(log_params: FloatArray) -> tuple[float, FloatArray | None]:
         with np.errstate(all="ignore"):
-            value = -objective(log_params)
-        return value if np.isfinite(value) else 1e10
+            value, gradient = objective(log_params)
+        if gradient is None:
+            return (-value, None) if np.isfinite(value) else (1e10, None)
+        if np.isfinite(value) and np.all(np.isfinite(gradient)):
+            return -value, -gradient
+        return 1e10, np.zeros_like(log_params)
 
     return wrapped
 
 
+_WITH_GRADIENT = "L-BFGS-B, analytic gradient"
+# The largest gradient component at which L-BFGS-B's line search failing (status 2) means
+# the optimum is reached: the likelihood of large a and b is precise to ~1e-13 only, so
+# near its maximum no step can lower it any further.
+_FLAT = 1e-6
+
+
 def _minimise(
-    objective: Callable[[FloatArray], float], start: FloatArray, method: str
+    objective: Callable[[FloatArray], tuple[float, FloatArray | None]],
+    start: FloatArray,
+    method: str,
 ) -> optimize.OptimizeResult:
     bounds = [(-_LOG_BOUND, _LOG_BOUND)] * len(start)
-    options = (
-        {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-8}
-        if method == "L-BFGS-B"
-        else {"maxiter": 5000, "xatol": 1e-8, "fatol": 1e-12}
-    )
-    return optimize.minimize(objective, start, method=method, bounds=bounds, options=options)
+    if method == "Nelder-Mead":
+        options = {"maxiter": 5000, "xatol": 1e-8, "fatol": 1e-12}
+    else:
+        options = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-8}
+    if method == _WITH_GRADIENT:
+        method, fun, jac = "L-BFGS-B", objective, True
+    else:
+        fun, jac = (lambda theta: objective(theta)[0]), False
+    return optimize.minimize(fun, start, method=method, jac=jac, bounds=bounds, options=options)
 
 
 def _boundary_names(log_params: FloatArray, names: Sequence[str]) -> list[str]:
@@ -1024,23 +1108,30 @@ def _boundary_names(log_params: FloatArray, names: Sequence[str]) -> list[str]:
 
 
 def _maximise(
-    mean_ll: Callable[[FloatArray], float],
+    mean_ll: Callable[[FloatArray], float] | Callable[[FloatArray], tuple[float, FloatArray]],
     starts: Sequence[Sequence[float]],
     *,
     names: Sequence[str],
     model: str,
     to_theta: Callable[[FloatArray], FloatArray] = np.log,
+    jac: bool = False,
 ) -> _Optimum:
     """Try L-BFGS-B, then Nelder-Mead from where it stopped, from each start in turn;
-    ``to_theta`` maps a start to the optimiser's coordinates (default: logs)."""
-    objective = _penalised(mean_ll)
+    ``to_theta`` maps a start to the optimiser's coordinates (default: logs). With ``jac``,
+    ``mean_ll`` gives its gradient as well, which L-BFGS-B then follows."""
+    objective = _penalised(mean_ll if jac else lambda theta: (mean_ll(theta), None))
     failures: list[str] = []
     for start in starts:
         x0 = to_theta(np.asarray(start, dtype=np.float64))
-        for method in ("L-BFGS-B", "Nelder-Mead"):
+        for method in (_WITH_GRADIENT if jac else "L-BFGS-B", "Nelder-Mead"):
             result = _minimise(objective, x0, method)
             edge = _boundary_names(result.x, names)
-            if result.success and np.isfinite(result.fun) and not edge:
+            at_floor = (
+                method == _WITH_GRADIENT
+                and result.status == 2
+                and np.max(np.abs(result.jac)) <= _FLAT
+            )
+            if (result.success or at_floor) and np.isfinite(result.fun) and not edge:
                 return _Optimum(np.asarray(result.x), int(result.nit), method)
             reason = f"parameters {edge} ran to the bound" if edge else str(result.message)
             failures.append(f"{method} from {tuple(start)}: {reason}")
@@ -1101,12 +1192,17 @@ def _bgnbd_one_dropout(
     n = scaled[0].full.size
 
     def fitted(kappa: float | None) -> tuple[_Optimum, float]:
-        def ll(theta: FloatArray) -> float:
+        def ll(theta: FloatArray) -> tuple[float, FloatArray]:
             r, alpha = np.exp(theta[:2])
             p = special.expit(theta[2])
             if kappa is None:
-                return float(np.mean(_bgnbd_one_dropout_ll(r, alpha, p, *scaled)))
-            return float(np.mean(_bgnbd_ll(r, alpha, p * kappa, (1 - p) * kappa, *scaled)))
+                value, (d_r, d_alpha, d_p) = _one_dropout_mean_ll(r, alpha, p, *scaled)
+            else:
+                value, (d_r, d_alpha, d_a, d_b) = _bgnbd_mean_ll(
+                    r, alpha, p * kappa, (1 - p) * kappa, *scaled
+                )
+                d_p = kappa * (d_a - d_b)
+            return value, np.array([r * d_r, alpha * d_alpha, p * (1 - p) * d_p])
 
         optimum = _maximise(
             ll,
@@ -1114,8 +1210,9 @@ def _bgnbd_one_dropout(
             names=("r", "alpha", "a/(a+b)"),
             model="BG/NBD at a fixed a + b",
             to_theta=lambda start: np.array([*np.log(start[:2]), special.logit(start[2])]),
+            jac=True,
         )
-        return optimum, ll(optimum.log_params) * n
+        return optimum, ll(optimum.log_params)[0] * n
 
     try:
         limit, limit_ll = fitted(None)
@@ -1164,14 +1261,18 @@ def fit_bgnbd(
     scale = _scale(ts, time_scale, "time_scale")
     scaled = _Distinct.of(xs), _Distinct.of(txs / scale), _Distinct.of(ts / scale)
 
-    def mean_ll(log_params: FloatArray) -> float:
-        return float(np.mean(_bgnbd_ll(*np.exp(log_params), *scaled)))
+    def mean_ll(log_params: FloatArray) -> tuple[float, FloatArray]:
+        params = np.exp(log_params)
+        value, gradient = _bgnbd_mean_ll(*params, *scaled)
+        return value, params * gradient
 
     alpha0 = _rate_scale(xs, ts / scale)
     optimum = _bgnbd_one_dropout(scaled, alpha0)
     if optimum is None:
         starts = [(1.0, alpha0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 2.0)]
-        optimum = _maximise(mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD")
+        optimum = _maximise(
+            mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD", jac=True
+        )
     r, alpha, a, b = np.exp(optimum.log_params)
     params = BGNBDParams(r=float(r), alpha=float(alpha * scale), a=float(a), b=float(b))
     return _fit(params, bgnbd_log_likelihood(params, xs, txs, ts), optimum, xs.size)
