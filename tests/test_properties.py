@@ -44,8 +44,8 @@ def _features(frame: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="cutoff").sort_values("customer_id").reset_index(drop=True)
 
 
-def reference_rfm(frame: pd.DataFrame, cutoff: date) -> pd.DataFrame:
-    """A slow, obvious pandas version of recency, frequency and monetary."""
+def reference_orders(frame: pd.DataFrame, cutoff: date) -> pd.DataFrame:
+    """Purchase orders of positive value before ``cutoff``, dated by their first line."""
     before = frame[frame["ts"] < pd.Timestamp(cutoff)]
     before = before[~before["is_return"]]
     orders = (
@@ -53,7 +53,12 @@ def reference_rfm(frame: pd.DataFrame, cutoff: date) -> pd.DataFrame:
         .agg(day=("ts", lambda s: s.min().normalize()), value=("amount", "sum"))
         .reset_index()
     )
-    orders = orders[orders["value"] > 0]
+    return orders[orders["value"] > 0]
+
+
+def reference_rfm(frame: pd.DataFrame, cutoff: date) -> pd.DataFrame:
+    """A slow, obvious pandas version of recency, frequency and monetary."""
+    orders = reference_orders(frame, cutoff)
     rows = []
     for customer, group in orders.groupby("customer_id"):
         recency = (pd.Timestamp(cutoff) - group["day"].max()).days
@@ -74,6 +79,27 @@ def test_rfm_matches_pandas_reference(rows):
     np.testing.assert_allclose(
         ours["monetary"].to_numpy(float), expected["monetary"].to_numpy(float), rtol=1e-9
     )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines)
+def test_gaps_between_purchase_days_match_pandas_reference(rows):
+    # Orders here often span days, and the part before the cutoff decides whether they count.
+    frame = _table(rows)
+    ours = _features(frame).set_index("customer_id")
+    orders = reference_orders(frame, CUTOFF)
+    assert sorted(ours.index) == sorted(orders["customer_id"].unique())
+    for customer, group in orders.groupby("customer_id"):
+        gaps = np.diff(np.sort(group["day"].unique())) / pd.Timedelta(days=1)
+        row = ours.loc[customer]
+        assert row["purchase_days"] == len(gaps) + 1
+        if len(gaps) == 0:
+            assert row[["gap_mean_days", "gap_std_days", "last_gap_days"]].isna().all()
+            continue
+        assert row["gap_mean_days"] == pytest.approx(gaps.mean())
+        assert row["gap_std_days"] == pytest.approx(gaps.std(), abs=1e-9)
+        assert row["last_gap_days"] == gaps[-1]
+        assert row["max_gap_365d"] == gaps.max()  # all lines fall within the year
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -131,6 +131,10 @@ class History:
     # Per customer and day: return value, units, prices, whether anything was bought, and
     # the products bought and the return orders begun for the first time that day.
     line_days: ir.Table
+    # Per customer, the days of its one-day purchase orders of positive value and the gap
+    # since its previous such day: at a cutoff, every purchase day of a customer without a
+    # longer order before it.
+    purchase_days: ir.Table
     first_day: int | None  # the day number of the first line; None without lines
     engagement: Engagement | None = None
 
@@ -187,10 +191,13 @@ def history(
         line_days = line_days.mutate(**{name: line_days[name].fill_null(0)})
     line_days = materialise(con, ibis.util.gen_name("line_days"), line_days)
     first_day = line_days.day.min().execute()
+    one_day = orders.filter(orders.day == orders.last_day, orders.value > 0)
+    purchase_days = _day_gaps(one_day)
     return History(
         orders=orders,
         open_lines=materialise(con, ibis.util.gen_name("open_lines"), open_lines),
         line_days=line_days,
+        purchase_days=materialise(con, ibis.util.gen_name("purchase_days"), purchase_days),
         first_day=None if pd.isna(first_day) else int(first_day),
         engagement=engagement,
     )
@@ -266,13 +273,32 @@ def order_features(
     ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
-def purchase_day_features(orders: ir.Table, cutoff: date) -> ir.Table:
-    """Purchase days, active months in the last year, and the mean, spread, latest and
-    longest recent gap (days) between purchase days, from the orders before ``cutoff``."""
-    c = day_number(cutoff)
+def _day_gaps(orders: ir.Table) -> ir.Table:
+    """The distinct days of ``orders`` per customer, with the gap since the previous one."""
     days = orders.select("customer_id", "day").distinct()
-    days = days.mutate(
+    return days.mutate(
         gap=days.day - days.day.lag().over(group_by=days.customer_id, order_by=days.day)
+    )
+
+
+def purchase_day_features(history: History, orders: ir.Table, cutoff: date) -> ir.Table:
+    """Purchase days, active months in the last year, and the mean, spread, latest and
+    longest recent gap (days) between purchase days, from :func:`purchase_orders` at
+    ``cutoff``.
+
+    The days and gaps come from ``history.purchase_days``, except for the few customers with
+    an order spanning several days begun before the cutoff: theirs are worked out from
+    ``orders``, whose value before the cutoff decides whether such an order is a purchase.
+    """
+    c = day_number(cutoff)
+    spanning = history.orders.filter(
+        history.orders.day < history.orders.last_day, history.orders.day < c
+    )
+    mixed = spanning.select("customer_id").distinct()
+    kept = history.purchase_days.filter(history.purchase_days.day < c)
+    days = ibis.union(
+        kept.anti_join(mixed, "customer_id"),
+        _day_gaps(orders.semi_join(mixed, "customer_id")),
     )
     year = days.day >= c - 365
     return days.group_by("customer_id").agg(
@@ -345,7 +371,7 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     orders = purchase_orders(history, cutoff)
     base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
-    parts = [purchase_day_features(orders, cutoff), line_features(history, cutoff)]
+    parts = [purchase_day_features(history, orders, cutoff), line_features(history, cutoff)]
     if history.engagement is not None:
         parts.append(engagement_features(history.engagement, cutoff))
     joined = base
@@ -574,6 +600,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             history,
             purchase_orders,
             order_features,
+            _day_gaps,
             purchase_day_features,
             line_features,
             engagement_features,
