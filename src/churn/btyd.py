@@ -139,9 +139,9 @@ class BTYDFit(Generic[P]):
     iterations : int
         Iterations of the optimiser that converged.
     method : str
-        That optimiser: ``"L-BFGS-B, analytic gradient"`` (BG/NBD), ``"L-BFGS-B"``
-        (finite differences) or ``"Nelder-Mead"``, and ``", one dropout probability"`` when
-        BG/NBD takes that limit.
+        That optimiser: ``"L-BFGS-B"`` (finite differences) or ``"Nelder-Mead"``; for
+        BG/NBD in its one-dropout limit, ``"L-BFGS-B, analytic gradient, one dropout
+        probability"``.
     n_customers : int
         Customers in the likelihood.
     """
@@ -1261,18 +1261,16 @@ def fit_bgnbd(
     scale = _scale(ts, time_scale, "time_scale")
     scaled = _Distinct.of(xs), _Distinct.of(txs / scale), _Distinct.of(ts / scale)
 
-    def mean_ll(log_params: FloatArray) -> tuple[float, FloatArray]:
-        params = np.exp(log_params)
-        value, gradient = _bgnbd_mean_ll(*params, *scaled)
-        return value, params * gradient
+    def mean_ll(log_params: FloatArray) -> float:
+        return float(np.mean(_bgnbd_ll(*np.exp(log_params), *scaled)))
 
     alpha0 = _rate_scale(xs, ts / scale)
     optimum = _bgnbd_one_dropout(scaled, alpha0)
     if optimum is None:
+        # Finite differences here: where nobody seems to drop out, the maximum lies at a = 0,
+        # and L-BFGS-B along the exact gradient runs a into its bound.
         starts = [(1.0, alpha0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 2.0)]
-        optimum = _maximise(
-            mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD", jac=True
-        )
+        optimum = _maximise(mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD")
     r, alpha, a, b = np.exp(optimum.log_params)
     params = BGNBDParams(r=float(r), alpha=float(alpha * scale), a=float(a), b=float(b))
     return _fit(params, bgnbd_log_likelihood(params, xs, txs, ts), optimum, xs.size)
