@@ -96,6 +96,22 @@ def test_single_purchase_customer_has_no_gap():
     assert np.isnan(snap.loc["E", "overdue_ratio"])
 
 
+def test_a_feature_no_customer_has_stays_a_numeric_column():
+    # Nobody returned anything before the cutoff: the days since the last return are unknown
+    # for all, as NaN in a float column the model reads, not an object column it skips.
+    snap = _snapshot(
+        tx(
+            [
+                ("A", "O1", "2021-03-01 10:00", 20.0, "P1"),
+                ("A", "O2", "2021-03-20 10:00", 30.0, "P2"),
+            ]
+        )
+    )
+    assert snap["days_since_return"].dtype == "float64"
+    assert snap["days_since_return"].isna().all()
+    assert snap["return_orders"].tolist() == [0]
+
+
 def test_basket_size_counts_each_product_of_an_order_once():
     rows = [
         ("X", "O1", "2020-12-01 10:00", 5.0, "P1"),

@@ -90,16 +90,19 @@ def test_gaps_between_purchase_days_match_pandas_reference(rows):
     orders = reference_orders(frame, CUTOFF)
     assert sorted(ours.index) == sorted(orders["customer_id"].unique())
     for customer, group in orders.groupby("customer_id"):
-        gaps = np.diff(np.sort(group["day"].unique())) / pd.Timedelta(days=1)
+        days = np.sort(group["day"].unique())
+        gaps = np.diff(days) / pd.Timedelta(days=1)
         row = ours.loc[customer]
         assert row["purchase_days"] == len(gaps) + 1
+        months = {(pd.Timestamp(CUTOFF) - day).days // 30 for day in days}
+        assert row["active_months_365d"] == len(months)  # all lines fall within the year
         if len(gaps) == 0:
             assert row[["gap_mean_days", "gap_std_days", "last_gap_days"]].isna().all()
             continue
         assert row["gap_mean_days"] == pytest.approx(gaps.mean())
         assert row["gap_std_days"] == pytest.approx(gaps.std(), abs=1e-9)
         assert row["last_gap_days"] == gaps[-1]
-        assert row["max_gap_365d"] == gaps.max()  # all lines fall within the year
+        assert row["max_gap_365d"] == gaps.max()
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

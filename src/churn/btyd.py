@@ -140,8 +140,8 @@ class BTYDFit(Generic[P]):
         Iterations of the optimiser that converged.
     method : str
         That optimiser: ``"L-BFGS-B"`` (finite differences) or ``"Nelder-Mead"``; for
-        BG/NBD in its one-dropout limit, ``"L-BFGS-B, analytic gradient, one dropout
-        probability"``.
+        BG/NBD in its one-dropout limit, ``"L-BFGS-B, analytic gradient"`` or
+        ``"Nelder-Mead"`` followed by ``", one dropout probability"``.
     n_customers : int
         Customers in the likelihood.
     """
@@ -1060,46 +1060,63 @@ class _Optimum:
     method: str
 
 
-def _penalised(
-    objective: Callable[[FloatArray], tuple[float, FloatArray | None]],
-) -> Callable[[FloatArray], tuple[float, FloatArray | None]]:
-    """Minimise -mean LL (and its gradient, when the objective gives one); non-finite values
-    (far outside the data's range) become a flat wall."""
+_WALL = 1e10  # what the optimisers see where the likelihood is not finite
 
-    def wrapped(log_params: FloatArray) -> tuple[float, FloatArray | None]:
+
+def _penalised(objective: Callable[[FloatArray], float]) -> Callable[[FloatArray], float]:
+    """Minimise -mean LL; non-finite values (far outside the data's range) become a wall."""
+
+    def wrapped(log_params: FloatArray) -> float:
+        with np.errstate(all="ignore"):
+            value = -objective(log_params)
+        return value if np.isfinite(value) else _WALL
+
+    return wrapped
+
+
+def _penalised_with_gradient(
+    objective: Callable[[FloatArray], tuple[float, FloatArray]],
+) -> Callable[[FloatArray], tuple[float, FloatArray]]:
+    """:func:`_penalised` of a value and its gradient: where either is not finite, the wall
+    (with a zero gradient)."""
+
+    def wrapped(log_params: FloatArray) -> tuple[float, FloatArray]:
         with np.errstate(all="ignore"):
             value, gradient = objective(log_params)
-        if gradient is None:
-            return (-value, None) if np.isfinite(value) else (1e10, None)
         if np.isfinite(value) and np.all(np.isfinite(gradient)):
             return -value, -gradient
-        return 1e10, np.zeros_like(log_params)
+        return _WALL, np.zeros_like(log_params)
 
     return wrapped
 
 
 _WITH_GRADIENT = "L-BFGS-B, analytic gradient"
-# The largest gradient component at which L-BFGS-B's line search failing (status 2) means
-# the optimum is reached: the likelihood of large a and b is precise to ~1e-13 only, so
-# near its maximum no step can lower it any further.
+# The largest gradient component at which L-BFGS-B stopping abnormally (status 2, mostly a
+# failed line search) means the optimum is reached: the likelihood of large a and b is
+# precise to ~1e-13 only, so near its maximum no step can lower it any further.
 _FLAT = 1e-6
 
 
 def _minimise(
-    objective: Callable[[FloatArray], tuple[float, FloatArray | None]],
+    objective: Callable[[FloatArray], float] | Callable[[FloatArray], tuple[float, FloatArray]],
     start: FloatArray,
     method: str,
 ) -> optimize.OptimizeResult:
+    """Minimise ``objective`` (a value, or a value and its gradient for ``_WITH_GRADIENT``)."""
     bounds = [(-_LOG_BOUND, _LOG_BOUND)] * len(start)
     if method == "Nelder-Mead":
         options = {"maxiter": 5000, "xatol": 1e-8, "fatol": 1e-12}
     else:
         options = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-8}
-    if method == _WITH_GRADIENT:
-        method, fun, jac = "L-BFGS-B", objective, True
-    else:
-        fun, jac = (lambda theta: objective(theta)[0]), False
-    return optimize.minimize(fun, start, method=method, jac=jac, bounds=bounds, options=options)
+    jac = method == _WITH_GRADIENT
+    return optimize.minimize(
+        objective,
+        start,
+        method="L-BFGS-B" if jac else method,
+        jac=jac,
+        bounds=bounds,
+        options=options,
+    )
 
 
 def _boundary_names(log_params: FloatArray, names: Sequence[str]) -> list[str]:
@@ -1119,19 +1136,20 @@ def _maximise(
     """Try L-BFGS-B, then Nelder-Mead from where it stopped, from each start in turn;
     ``to_theta`` maps a start to the optimiser's coordinates (default: logs). With ``jac``,
     ``mean_ll`` gives its gradient as well, which L-BFGS-B then follows."""
-    objective = _penalised(mean_ll if jac else lambda theta: (mean_ll(theta), None))
+    value = _penalised((lambda theta: mean_ll(theta)[0]) if jac else mean_ll)
+    with_gradient = _penalised_with_gradient(mean_ll) if jac else None
     failures: list[str] = []
     for start in starts:
         x0 = to_theta(np.asarray(start, dtype=np.float64))
         for method in (_WITH_GRADIENT if jac else "L-BFGS-B", "Nelder-Mead"):
-            result = _minimise(objective, x0, method)
+            result = _minimise(with_gradient if method == _WITH_GRADIENT else value, x0, method)
             edge = _boundary_names(result.x, names)
             at_floor = (
                 method == _WITH_GRADIENT
                 and result.status == 2
                 and np.max(np.abs(result.jac)) <= _FLAT
             )
-            if (result.success or at_floor) and np.isfinite(result.fun) and not edge:
+            if (result.success or at_floor) and result.fun < _WALL and not edge:
                 return _Optimum(np.asarray(result.x), int(result.nit), method)
             reason = f"parameters {edge} ran to the bound" if edge else str(result.message)
             failures.append(f"{method} from {tuple(start)}: {reason}")

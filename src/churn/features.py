@@ -378,8 +378,7 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     for part in parts:
         joined = joined.left_join(part, "customer_id").drop("customer_id_right")
     if history.engagement is not None:
-        # No events before the cutoff is a count of zero, not an unknown one (a null count
-        # would also reach pandas as an object column, which the model skips).
+        # No events before the cutoff is a count of zero, not an unknown one.
         families = history.engagement.families
         counts = [f"{f}_{w}d" for f in families for w in ENGAGEMENT_WINDOWS]
         joined = joined.mutate(**{c: joined[c].fill_null(0) for c in counts})
@@ -575,7 +574,8 @@ def snapshot_frame(
     RFM scores and BTYD features; also return the BTYD fit report per cutoff."""
     # Parallel float sums differ in the last bits from run to run; rounding keeps reruns
     # equal. Rounded and sorted by the engine (faster than pandas or Arrow at it), and read
-    # through Arrow: Ibis's own to_pandas turns every column holding a null into objects.
+    # through Arrow: Ibis's own to_pandas goes through Python objects for every column
+    # holding a null. A column without a value at all comes out as float64 NaN.
     floats = [name for name, dtype in expr.schema().items() if dtype.is_floating()]
     expr = expr.mutate(**{name: expr[name].round(9) for name in floats})
     frame = rfm_scores(expr.order_by("cutoff", "customer_id").to_pyarrow().to_pandas())
