@@ -291,10 +291,8 @@ def purchase_day_features(history: History, orders: ir.Table, cutoff: date) -> i
     ``orders``, whose value before the cutoff decides whether such an order is a purchase.
     """
     c = day_number(cutoff)
-    spanning = history.orders.filter(
-        history.orders.day < history.orders.last_day, history.orders.day < c
-    )
-    mixed = spanning.select("customer_id").distinct()
+    open_lines = history.open_lines
+    mixed = open_lines.filter(open_lines.day < c).select("customer_id").distinct()
     kept = history.purchase_days.filter(history.purchase_days.day < c)
     days = ibis.union(
         kept.anti_join(mixed, "customer_id"),
