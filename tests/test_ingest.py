@@ -184,9 +184,26 @@ def test_glob_reads_every_matching_file_and_drops_the_overlap(tmp_path, make_set
     assert summary.rows_kept == 3
 
 
+# Text timestamps and their time in Berlin (UTC+2 on 1 June 2021), worked out by hand.
+BERLIN_TIMES = [
+    ("2021-06-01 10:00:00", "2021-06-01 10:00:00"),  # naive: already Berlin time
+    ("2021-06-01T10:00", "2021-06-01 10:00:00"),
+    ("2021-06-01", "2021-06-01 00:00:00"),
+    ("2021-06-01 10:00:00+00:00", "2021-06-01 12:00:00"),
+    ("2021-06-01T10:00:00Z", "2021-06-01 12:00:00"),
+    ("2021-06-01 10:00:00+0200", "2021-06-01 10:00:00"),
+    ("2021-06-01 10:00:00-03", "2021-06-01 15:00:00"),
+    ("2021-06-01 10:00:00.5+01:00", "2021-06-01 11:00:00.500000"),
+    ("2021-06-01 10:00:00 UTC", "2021-06-01 12:00:00"),
+    ("2021-06-01 10:00:00 America/New_York", "2021-06-01 16:00:00"),  # EDT, UTC-4
+    ("\t2021-06-01 10:00:00+00:00 ", "2021-06-01 12:00:00"),
+]
+
+
 def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
     export = tmp_path / "orders.csv"
-    export.write_text("c,t,v\n1,2021-06-01 10:00:00+00:00,5\n2,2021-06-01 10:00:00,5\n")
+    rows = [{"c": k, "t": text, "v": 5} for k, (text, _) in enumerate(BERLIN_TIMES)]
+    pd.DataFrame(rows).to_csv(export, index=False)
     settings = make_settings(
         data={
             "transactions": {
@@ -196,10 +213,70 @@ def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
             }
         }
     )
-    ingest.run(settings.data, settings.paths)
-    kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
-    # 10:00 UTC is 12:00 in Berlin in summer; a naive time is already Berlin time.
-    assert [str(t) for t in kept["ts"]] == ["2021-06-01 12:00:00", "2021-06-01 10:00:00"]
+    assert ingest.run(settings.data, settings.paths).rows_kept == len(BERLIN_TIMES)
+    kept = pd.read_parquet(settings.paths.transactions)
+    kept = kept.sort_values("customer_id", key=lambda ids: ids.astype(int))
+    assert [str(t) for t in kept["ts"]] == [berlin for _, berlin in BERLIN_TIMES]
+
+
+TYPED = pd.DataFrame(
+    {
+        "Customer ID": [13085.0, 13085.0, 13086.0, 13087.0],
+        "InvoiceDate": pd.to_datetime(
+            ["2021-06-01 10:00", "2021-06-01 10:00", None, "2021-06-02 09:30"]
+        ).tz_localize("UTC"),
+        "Invoice": ["1", "1", "2", "3"],
+        "Quantity": [2, 2, 1, -1],
+        "Price": [4.33, 4.33, 1.0, 2.5],
+        "StockCode": ["A", "A", "B", "C"],
+    }
+)
+
+
+def _typed_settings(make_settings, path: Path):
+    return make_settings(
+        data={"transactions": {"path": str(path), "timezone": "Europe/Berlin", "columns": {}}}
+    )
+
+
+def test_typed_parquet_columns_are_taken_as_typed(tmp_path, make_settings):
+    """Zoned timestamps, integer quantities and double prices are used without text; the
+    rejects still show each value as text."""
+    TYPED.to_parquet(tmp_path / "typed.parquet", index=False)
+    settings = _typed_settings(make_settings, tmp_path / "typed.parquet")
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_kept, summary.duplicates_removed) == (2, 1)
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["customer_id"].tolist() == ["13085", "13087"]
+    # 10:00 and 09:30 UTC in Berlin summer time; 2 x 4.33; a return is negative.
+    assert [str(t) for t in kept["ts"]] == ["2021-06-01 12:00:00", "2021-06-02 11:30:00"]
+    assert kept["amount"].tolist() == [8.66, -2.5]
+    assert kept["quantity"].tolist() == [2.0, -1.0]
+    rejected = pd.read_parquet(settings.paths.rejects).iloc[0]
+    assert rejected["reason"] == "unparseable_ts"
+    assert rejected[["source_customer_id", "source_quantity", "source_unit_price"]].tolist() == [
+        "13086.0",
+        "1",
+        "1.0",
+    ]
+    assert pd.isna(rejected["source_ts"])
+
+
+def test_exports_typed_differently_are_read_as_text(tmp_path, make_settings):
+    """One month as typed Parquet, the next as CSV, and a float32 price (whose double is
+    not the number shown): all read through text, none lost."""
+    TYPED.to_parquet(tmp_path / "may.parquet", index=False)
+    june = TYPED.assign(Invoice=["4", "4", "5", "6"], Price=TYPED["Price"].astype("float32"))
+    june.to_parquet(tmp_path / "june.parquet", index=False)
+    pd.read_parquet(tmp_path / "may.parquet").assign(Invoice=["7", "7", "8", "9"]).to_csv(
+        tmp_path / "july.csv", index=False
+    )
+    settings = _typed_settings(make_settings, tmp_path / "*.*")
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_kept, summary.rows_rejected, summary.duplicates_removed) == (6, 3, 3)
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["amount"].tolist() == [8.66, -2.5] * 3
+    assert {str(t) for t in kept["ts"]} == {"2021-06-01 12:00:00", "2021-06-02 11:30:00"}
 
 
 def test_unknown_time_zone_is_named(tmp_path, make_settings):

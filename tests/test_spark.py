@@ -23,7 +23,7 @@ from churn import ChurnError, features, ingest, score
 from churn.config import Engine, FeatureSettings, Settings, SparkSettings, settings_from_dict
 from churn.io import connect, is_spark
 from tests.conftest import SAMPLE, TINY_ROWS, merge, project_params, tx
-from tests.test_ingest import MESSY
+from tests.test_ingest import BERLIN_TIMES, MESSY
 from tests.test_ingest import _line_totals as line_totals
 
 pytestmark = pytest.mark.spark
@@ -185,7 +185,7 @@ CASES = {
         None,
     ),
     "offsets": (
-        "c,t,v\n1,2021-06-01 10:00:00+00:00,5\n2,2021-06-01 10:00:00,5\n",
+        "c,t,v\n" + "".join(f'{k},"{text}",5\n' for k, (text, _) in enumerate(BERLIN_TIMES)),
         {"timezone": "Europe/Berlin", "columns": line_totals("c", "t", "v")},
         None,
     ),

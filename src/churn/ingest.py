@@ -55,6 +55,11 @@ from churn.io import (
 REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
 CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
 EVENT_REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "missing_event_type")
+NUMERIC_COLUMNS = frozenset({"amount", "quantity", "unit_price", "value"})
+# What Ibis's strip removes; a text with none of them at either end is left as it is.
+BLANKS = " \t\n\r\v\f"
+# A time followed by an offset or a zone name ("10:00:00+02:00", "10:00Z", "10:00 UTC").
+ZONED_TIME = r":\d\d(\.\d*)?\s*([+-]\d|[A-Za-z])"
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,8 @@ def source_lines(
     names: tuple[str, ...] = CANONICAL_COLUMNS,
     section: str = "data.transactions",
 ) -> ir.Table:
-    """Select the mapped source columns of one export as text, under canonical ``names``.
+    """Select the mapped source columns of one export under canonical ``names``: as read
+    when typed so that no text is needed (see :func:`_typed`), otherwise as text.
 
     Raises
     ------
@@ -159,13 +165,42 @@ def source_lines(
             raise InputError(
                 f"{path}: column '{source}' ({section}.columns.{canonical}) not found{hint}"
             )
-        selected[canonical] = table[source].cast("string")
+        column = table[source]
+        selected[canonical] = column if _typed(column, canonical) else column.cast("string")
     return table.select(**selected)
 
 
-def _customer(text: ir.StringValue) -> ir.StringValue:
+def _typed(column: ir.Column, canonical: str) -> bool:
+    """Whether a source column is parsed without going through text: a timestamp or date
+    for ``ts``; integers, doubles or decimals for amounts, quantities, prices and values;
+    text for the rest. (A float32 is read as text: its double is not the number shown.)"""
+    kind = column.type()
+    if canonical == "ts":
+        return kind.is_timestamp() or kind.is_date()
+    if canonical in NUMERIC_COLUMNS:
+        return kind.is_integer() or kind.is_decimal() or kind.is_float64()
+    return kind.is_string()
+
+
+def _text(value: ir.Value) -> ir.StringValue:
+    """Text stripped of blanks at either end; a typed value as its text."""
+    if not value.type().is_string():
+        return value.cast("string")
+    padded = value.re_search(f"^[{BLANKS}]|[{BLANKS}]$")
+    # Stripping every value costs three times the test for a blank at an end.
+    return ibis.cases((padded, value.strip()), else_=value)
+
+
+def _number(value: ir.Value) -> ir.FloatingValue:
+    """A double; null where text does not parse."""
+    if value.type().is_numeric():
+        return value.cast("float64")
+    return _text(value).try_cast("float64")
+
+
+def _customer(value: ir.Value) -> ir.StringValue:
     """Trimmed customer id, ``13085.0`` -> ``13085``; null when empty."""
-    customer = text.strip()
+    customer = _text(value)
     # No back-reference in the replacement: DuckDB spells it \1, Spark $1.
     customer = ibis.cases(
         (customer.re_search(r"^-?\d+\.0+$"), customer.re_replace(r"\.0+$", "")),
@@ -174,17 +209,21 @@ def _customer(text: ir.StringValue) -> ir.StringValue:
     return ibis.cases((customer == "", ibis.null("string")), else_=customer)
 
 
-def _timestamp(
-    text: ir.StringValue, ts_format: str | None, *, spark: bool = False
-) -> ir.TimestampValue:
-    """Parsed timestamp, null where it does not parse."""
+def _timestamp(value: ir.Value, ts_format: str | None, *, spark: bool = False) -> ir.TimestampValue:
+    """Naive timestamp in the session's time zone (data.*.timezone); null where text does
+    not parse. A zoned value is converted into that zone; a naive one is taken as in it."""
+    if not value.type().is_string():
+        return value.cast("timestamp")
+    text = _text(value)
     if ts_format and spark:
         return _try_to_timestamp(text, java_pattern(ts_format))
     if ts_format:
         return _try_strptime(text, ts_format)
-    # Through a zoned type: an explicit offset is converted into the session's time zone
-    # (data.*.timezone); a naive time is taken as already being in it.
-    return text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
+    # Only a time with an offset or zone needs the zoned type, which parses 3x slower;
+    # a naive cast drops the offset, so it is kept for times that have none.
+    zoned = text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
+    naive = text.try_cast("timestamp")
+    return ibis.cases((text.re_search(ZONED_TIME), zoned), else_=naive.coalesce(zoned))
 
 
 def parse_lines(
@@ -204,17 +243,14 @@ def parse_lines(
     """
     raw = raw.rename({f"source_{c}": c for c in CANONICAL_COLUMNS})
     customer = _customer(raw.source_customer_id)
-    ts_text = raw.source_ts.strip()
-    ts = _timestamp(ts_text, ts_format, spark=is_spark(raw.get_backend()))
-    quantity = raw.source_quantity.strip().try_cast("float64")
-    amount = (raw.source_amount.strip().try_cast("float64")).coalesce(
-        quantity * raw.source_unit_price.strip().try_cast("float64")
-    )
+    ts = _timestamp(raw.source_ts, ts_format, spark=is_spark(raw.get_backend()))
+    quantity = _number(raw.source_quantity)
+    amount = _number(raw.source_amount).coalesce(quantity * _number(raw.source_unit_price))
     is_return = quantity.fill_null(0) < 0
     if return_order_prefix:
         is_return = is_return | raw.source_order_id.startswith(return_order_prefix).fill_null(False)
-    order_id = raw.source_order_id.strip().coalesce(customer.concat("@", ts_text))
-    currency = raw.source_currency.strip().upper()
+    order_id = _text(raw.source_order_id).coalesce(customer.concat("@", _text(raw.source_ts)))
+    currency = _text(raw.source_currency).upper()
     currency = ibis.cases((currency == "", ibis.null("string")), else_=currency)
     checks = [
         (customer.isnull(), "missing_customer_id"),
@@ -236,8 +272,8 @@ def parse_lines(
         # A return reduces spend whatever sign the export gave its line total.
         amount=ibis.cases((is_return, -amount.abs()), else_=amount),
         quantity=quantity,
-        product_id=raw.source_product_id.strip(),
-        channel=raw.source_channel.strip(),
+        product_id=_text(raw.source_product_id),
+        channel=_text(raw.source_channel),
         currency=currency,
         is_return=is_return,
         reason=reason,
@@ -290,10 +326,13 @@ def return_matches(lines: ir.Table) -> dict[str, int]:
     return {"lines": n, "matched": matched, "unmatched": n - matched}
 
 
-def rejects(parsed: ir.Table) -> ir.Table:
-    """The rejected lines of :func:`parse_lines`: their original text and the reason."""
-    return parsed.filter(parsed.reason.notnull()).select(
-        *[f"source_{c}" for c in CANONICAL_COLUMNS], "reason"
+def rejects(parsed: ir.Table, columns: tuple[str, ...] = CANONICAL_COLUMNS) -> ir.Table:
+    """The rejected lines of :func:`parse_lines` (or :func:`parse_events`, with its
+    ``columns``): their original values as text, and the reason."""
+    rejected = parsed.filter(parsed.reason.notnull())
+    return rejected.select(
+        **{f"source_{c}": rejected[f"source_{c}"].cast("string") for c in columns},
+        reason=rejected.reason,
     )
 
 
@@ -303,8 +342,8 @@ def parse_events(
     """Parse engagement events: customer, time, type, family (``other`` if unmapped), value."""
     raw = raw.rename({f"source_{c}": c for c in EVENT_COLUMNS})
     customer = _customer(raw.source_customer_id)
-    ts = _timestamp(raw.source_ts.strip(), ts_format, spark=is_spark(raw.get_backend()))
-    event_type = raw.source_event_type.strip()
+    ts = _timestamp(raw.source_ts, ts_format, spark=is_spark(raw.get_backend()))
+    event_type = _text(raw.source_event_type)
     family = ibis.cases(
         *[(event_type.isin(types), name) for name, types in families.items()], else_="other"
     )
@@ -319,7 +358,7 @@ def parse_events(
         ts=ts,
         event_type=event_type,
         family=family,
-        value=raw.source_value.strip().try_cast("float64"),
+        value=_number(raw.source_value),
         reason=reason,
     )
 
@@ -331,8 +370,8 @@ def _read_unique(
     names: tuple[str, ...],
     section: str,
 ) -> tuple[ir.Table, dict[str, int], list[Path]]:
-    """All exports of one source, exact duplicate lines removed, as text (an expression the
-    caller computes once); rows per file."""
+    """All exports of one source, exact duplicate lines removed (an expression the caller
+    computes once); rows per file. A column the exports type differently is read as text."""
     files = expand_inputs(source.path, section=section)
     per_file, frames = {}, []
     for path in files:
@@ -344,6 +383,8 @@ def _read_unique(
         frames.append(source_lines(table, source.columns, path=path, names=names, section=section))
     if sum(per_file.values()) == 0:
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
+    mixed = [c for c in names if len({frame[c].type() for frame in frames}) > 1]
+    frames = [frame.mutate(**{c: frame[c].cast("string") for c in mixed}) for frame in frames]
     unique = ibis.union(*frames, distinct=True) if len(frames) > 1 else frames[0].distinct()
     return unique, per_file, files
 
@@ -431,10 +472,7 @@ def _ingest_events(
     kept = parsed.filter(parsed.reason.isnull()).select(
         "customer_id", "ts", "event_type", "family", "value"
     )
-    rejected = parsed.filter(parsed.reason.notnull()).select(
-        *[f"source_{c}" for c in EVENT_COLUMNS], "reason"
-    )
-    return kept, rejected, summary
+    return kept, rejects(parsed, EVENT_COLUMNS), summary
 
 
 def currency_report(
@@ -473,7 +511,8 @@ def _check_usable(
     bad = summary.rejected_by_reason["unparseable_ts"]
     if bad * 2 > summary.rows_kept + summary.rows_rejected:
         failed = parsed.filter(parsed.reason == "unparseable_ts")
-        examples = failed.select("source_ts").limit(3).execute()["source_ts"].tolist()
+        examples = failed.select(ts=failed.source_ts.cast("string")).limit(3).execute()["ts"]
+        examples = examples.tolist()
         tried = f"ts_format {ts_format!r}" if ts_format else "ISO 8601 (ts_format: null)"
         raise InputError(
             f"{names}: {bad} of {summary.rows_kept + summary.rows_rejected} rows have a date "
