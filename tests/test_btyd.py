@@ -422,6 +422,28 @@ def test_pareto_nbd_recovers_simulated_parameters() -> None:
     assert np.abs(_relative_errors(fit.params, truth)).max() < 0.15
 
 
+def test_pareto_nbd_fit_reaches_the_limit_of_one_dropout_rate() -> None:
+    # Everyone drops out at 0.02 a week: the likelihood rises as s and beta run off to infinity
+    # together, and this sample's maximum is that limit, 1 / s = 0
+    truth = ParetoNBDParams(r=1.8, alpha=10.0, s=1e6, beta=1e6 / 0.02)
+    rng = np.random.default_rng(20240506)
+    data = _simulate_pareto(rng, truth, rng.uniform(52, 156, 5_000), horizon=0.0)
+    fit = fit_pareto_nbd(data["x"], data["t_x"], data["T"])
+    p = fit.params
+    assert fit.method == "L-BFGS-B, one dropout rate"
+    assert p.s == 1e6
+    assert p.s / p.beta == pytest.approx(0.02, rel=0.05)
+    assert p.r == pytest.approx(1.8, rel=0.1)
+    assert p.alpha == pytest.approx(10.0, rel=0.1)
+
+    def total(params: ParetoNBDParams) -> float:
+        return float(np.sum(pareto_nbd_log_likelihood(params, data["x"], data["t_x"], data["T"])))
+
+    assert fit.log_likelihood == pytest.approx(total(p))
+    assert fit.log_likelihood > total(truth)
+    assert fit.log_likelihood > total(dataclasses.replace(p, s=100.0, beta=p.beta * 1e-4))
+
+
 def test_gamma_gamma_recovers_simulated_parameters() -> None:
     truth = GammaGammaParams(p=3.0, q=5.0, gamma=10.0)
     rng = np.random.default_rng(20240503)
@@ -520,6 +542,26 @@ def test_pareto_nbd_against_quad(params: ParetoNBDParams) -> None:
         np.exp(later - reference),
         rtol=1e-8,
     )
+
+
+@pytest.mark.parametrize(("s", "rtol"), [(1e6, 1e-5), (1e12, 1e-10)])
+def test_pareto_nbd_likelihood_tends_to_one_dropout_rate(s: float, rtol: float) -> None:
+    # s -> infinity at s / beta = mu: every lifetime is Exponential(mu), within O(1 / s)
+    r, alpha, mu = 0.8, 5.0, 0.05
+
+    def reference(x: float, t_x: float, T: float) -> float:  # noqa: N803
+        def integrand(tau: float) -> float:
+            return (alpha + tau) ** -(r + x) * mu * math.exp(-mu * tau)
+
+        died, _ = integrate.quad(integrand, t_x, T, epsabs=0, epsrel=1e-13, limit=500)
+        alive = (alpha + T) ** -(r + x) * math.exp(-mu * T)
+        common = special.gammaln(r + x) - special.gammaln(r) + r * math.log(alpha)
+        return float(common + math.log(alive + died))
+
+    customers = [(0, 0.0, 39.0), (1, 0.0, 39.0), (3, 12.0, 39.0), (40, 2.0, 60.0), (7, 5.0, 5.0)]
+    x, t_x, T = (np.array(c, dtype=float) for c in zip(*customers, strict=True))  # noqa: N806
+    got = pareto_nbd_log_likelihood(ParetoNBDParams(r, alpha, s, s / mu), x, t_x, T)
+    np.testing.assert_allclose(got, [reference(*c) for c in customers], rtol=rtol)
 
 
 def test_pareto_nbd_no_purchase_matches_the_conditional_pmf() -> None:
@@ -637,7 +679,7 @@ def test_optimiser_takes_a_failed_line_search_where_the_gradient_vanishes() -> N
     start = [(1.0, 3.0)]
     at_floor = _maximise(noise_floor(1e-7), start, names=("u", "v"), model="toy", jac=True)
     assert at_floor.method == "L-BFGS-B, analytic gradient"
-    np.testing.assert_allclose(at_floor.log_params, [0.0, np.log(3.0)], atol=1e-5)
+    np.testing.assert_allclose(at_floor.theta, [0.0, np.log(3.0)], atol=1e-5)
     steep = _maximise(noise_floor(1e-4), start, names=("u", "v"), model="toy", jac=True)
     assert steep.method == "Nelder-Mead"
 
@@ -646,7 +688,7 @@ def test_optimiser_takes_a_failed_line_search_where_the_gradient_vanishes() -> N
 
     misled = _maximise(bowl, start, names=("u", "v"), model="toy", jac=True)
     assert misled.method == "Nelder-Mead"
-    np.testing.assert_allclose(misled.log_params, [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(misled.theta, [0.5, 0.5], atol=1e-6)
 
 
 def test_optimiser_falls_back_to_nelder_mead_then_raises() -> None:
@@ -655,6 +697,6 @@ def test_optimiser_falls_back_to_nelder_mead_then_raises() -> None:
         lambda v: -float(np.abs(v - target).sum()), [(1.0, 1.0)], names=("u", "v"), model="toy"
     )
     assert kinked.method == "Nelder-Mead"
-    np.testing.assert_allclose(kinked.log_params, target, atol=1e-6)
+    np.testing.assert_allclose(kinked.theta, target, atol=1e-6)
     with pytest.raises(BTYDFitError, match=r"toy fit did not converge: .*\['u', 'v'\] ran to"):
         _maximise(lambda v: float(v.sum()), [(1.0, 1.0)], names=("u", "v"), model="toy")

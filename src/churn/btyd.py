@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -64,10 +64,11 @@ def _tanh_sinh_rule(*, step: float, t_max: float) -> _QuadratureRule:
     return _QuadratureRule(u, special.expit(u), log_dw)
 
 
-# The Pareto/NBD integrand is smooth at both ends (225 nodes, relative error ~1e-12). The BG/NBD
-# one over p can have integrable end singularities and sharp features for tiny a or b, so its
-# rule reaches 1e-275 from the ends, with a finer step (769 nodes, ~1e-8 in the worst cases).
-_TANH_SINH = _tanh_sinh_rule(step=1.0 / 32.0, t_max=3.5)
+# The Pareto/NBD integrand is smooth at both ends: 113 nodes, whose log-integrals halving the
+# step changes by 3e-13 at most in the tests' cases. The BG/NBD one over p can have integrable
+# end singularities and sharp features for tiny a or b, so its rule reaches 1e-275 from the
+# ends, with a finer step (769 nodes, ~1e-8 in the worst cases).
+_TANH_SINH = _tanh_sinh_rule(step=1.0 / 16.0, t_max=3.5)
 _TANH_SINH_FINE = _tanh_sinh_rule(step=1.0 / 64.0, t_max=6.0)
 
 
@@ -141,7 +142,8 @@ class BTYDFit(Generic[P]):
     method : str
         That optimiser: ``"L-BFGS-B"`` (finite differences) or ``"Nelder-Mead"``; for
         BG/NBD in its one-dropout limit, ``"L-BFGS-B, analytic gradient"`` or
-        ``"Nelder-Mead"`` followed by ``", one dropout probability"``.
+        ``"Nelder-Mead"`` followed by ``", one dropout probability"``; for Pareto/NBD in its
+        limit (s = 1e6 stands for it), the optimiser followed by ``", one dropout rate"``.
     n_customers : int
         Customers in the likelihood.
     """
@@ -683,92 +685,127 @@ def _pareto_log_death_closed_form(
         return at_last + np.log(-np.expm1(gap)) - np.log(n)
 
 
+def _log1p_ratio(y: FloatArray) -> FloatArray:
+    """log(1 + y) / y, equal to 1 at y = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(y == 0.0, 1.0, np.log1p(y) / np.where(y == 0.0, 1.0, y))
+
+
+def _log_dropout_survival(mu: float, phi: float, tau: FloatArray) -> FloatArray:
+    """log P(still alive at tau) = -s log(1 + tau / beta), written in the mean dropout rate
+    mu = s / beta and phi = 1 / s as -mu tau log(1 + phi mu tau) / (phi mu tau): accurate for
+    any s, and -mu tau (one dropout rate for everyone) at phi = 0."""
+    rate_time = mu * tau
+    return -rate_time if phi == 0 else -rate_time * _log1p_ratio(phi * rate_time)
+
+
 def _pareto_log_death_quadrature(
     r: float,
     alpha: float,
-    s: float,
-    beta: float,
+    mu: float,
+    phi: float,
     x: FloatArray,
     t_x: FloatArray,
     T: FloatArray,  # noqa: N803
 ) -> FloatArray:
-    """The same integral by tanh-sinh quadrature over u = log(min(alpha, beta) + tau).
+    """log of the integral over death times tau in (t_x, T] of (alpha + tau)^-(r + x) times the
+    dropout density mu (1 + phi mu tau)^-(1 + 1/phi), by tanh-sinh quadrature over
+    u = log(min(alpha, beta) + tau), in batches of customers.
 
-    In u the log-integrand (1 - p) u - q log(e^u + |alpha - beta|) is concave, with one mode
-    at most; the interval is split there so that nodes cluster at the peak as well as at the
-    ends (which resolves the sharp decay after t_x for large x).
+    In u the log-integrand is concave, with one mode at most; the interval is split there so
+    that nodes cluster at the peak as well as at the ends (which resolves the sharp decay after
+    t_x for large x).
     """
-    small, big = min(alpha, beta), max(alpha, beta)
-    p_small, p_big = (r + x, s + 1.0) if alpha <= beta else (s + 1.0, r + x)
-    p_small, p_big = np.broadcast_arrays(p_small, p_big, x)[:2]
-    with np.errstate(divide="ignore", invalid="ignore"):  # alpha == beta, t_x == T: -inf
-        log_gap = np.log(big - small)
-        start = np.log(small + t_x)
-        end = start + np.log1p((T - t_x) / (small + t_x))
-        rising = 1.0 - p_small > 0
-        mode = np.where(rising, log_gap + special.logit((1.0 - p_small) / p_big), -np.inf)
+    beta = 1.0 / (phi * mu) if phi > 0 else np.inf
+    shift = min(alpha, beta)
+    n = r + x
+    with np.errstate(divide="ignore", invalid="ignore"):  # t_x == T, no mode: -inf
+        start = np.log(shift + t_x)
+        end = start + np.log1p((T - t_x) / (shift + t_x))
+        if alpha <= beta:  # mode where (1 - n) = (1 + phi) mu e^u / (1 + phi mu (e^u - alpha))
+            peak = (1.0 - n) * (1.0 / mu - alpha * phi) / (1.0 + phi * n)
+            mode = np.where(n < 1.0, np.log(np.maximum(peak, 0.0)), -np.inf)
+        else:  # the integrand falls from the start
+            mode = np.full_like(start, -np.inf)
     split = np.clip(mode, start, end)
-    pieces = []
-    for lo, hi in ((start, split), (split, end)):
-        u = lo[..., None] + (hi - lo)[..., None] * _TANH_SINH.w
-        log_f = (1.0 - p_small[..., None]) * u - p_big[..., None] * np.logaddexp(u, log_gap)
-        with np.errstate(divide="ignore"):  # empty piece: log 0 = -inf
-            log_weight = _TANH_SINH.log_dw + np.log(hi - lo)[..., None]
-        pieces.append(special.logsumexp(log_f + log_weight, axis=-1))
-    return np.logaddexp(*pieces)
+    out = np.empty(x.shape)
+    for first in range(0, x.size, _QUADRATURE_ROWS):
+        rows = slice(first, first + _QUADRATURE_ROWS)
+        pieces = []
+        for lo, hi in ((start[rows], split[rows]), (split[rows], end[rows])):
+            u = lo[:, None] + (hi - lo)[:, None] * _TANH_SINH.w
+            level = np.exp(u)  # shift + tau
+            tau = np.maximum(level - shift, 0.0)
+            log_purchase = u if alpha <= beta else np.log(alpha - shift + level)
+            log_f = (1.0 + phi) * _log_dropout_survival(mu, phi, tau) - n[rows, None] * log_purchase
+            with np.errstate(divide="ignore"):  # empty piece: log 0 = -inf
+                log_weight = _TANH_SINH.log_dw + np.log(hi - lo)[:, None]
+            pieces.append(special.logsumexp(log_f + u + log_weight, axis=-1))
+        out[rows] = np.logaddexp(*pieces)
+    return np.log(mu) + out
 
 
 def _pareto_log_death(
     r: float,
     alpha: float,
-    s: float,
-    beta: float,
+    mu: float,
+    phi: float,
     x: FloatArray,
     t_x: FloatArray,
     T: FloatArray,  # noqa: N803
 ) -> FloatArray:
     """log of the integral over death times tau in (t_x, T] of
-    (alpha + tau)^-(r + x) (beta + tau)^-(s + 1): closed form where its 2F1 argument is at most
-    0.9, quadrature elsewhere and wherever the closed form is not finite."""
+    (alpha + tau)^-(r + x) s beta^s (beta + tau)^-(s + 1): closed form where its 2F1 argument
+    is at most 0.9, quadrature elsewhere (always at phi = 0) and wherever the closed form is not
+    finite."""
     x, t_x, T = np.broadcast_arrays(x, t_x, T)  # noqa: N806
-    big, small = max(alpha, beta), min(alpha, beta)
-    easy = (big - small) <= _HYP2F1_Z_MAX * (big + t_x)
-    args = (r, alpha, s, beta)
     out = np.empty(x.shape)
-    with np.errstate(all="ignore"):
-        out[easy] = _pareto_log_death_closed_form(*args, x[easy], t_x[easy], T[easy])
-    redo = ~easy | np.isnan(out) | (out == np.inf)
-    out[redo] = _pareto_log_death_quadrature(*args, x[redo], t_x[redo], T[redo])
+    redo = np.ones(x.shape, dtype=bool)
+    if phi > 0:
+        s, beta = 1.0 / phi, 1.0 / (phi * mu)
+        big, small = max(alpha, beta), min(alpha, beta)
+        easy = (big - small) <= _HYP2F1_Z_MAX * (big + t_x)
+        with np.errstate(all="ignore"):
+            closed = _pareto_log_death_closed_form(r, alpha, s, beta, x[easy], t_x[easy], T[easy])
+            out[easy] = np.log(s) + s * np.log(beta) + closed
+        redo = ~easy | np.isnan(out) | (out == np.inf)
+    out[redo] = _pareto_log_death_quadrature(r, alpha, mu, phi, x[redo], t_x[redo], T[redo])
     return out
+
+
+def _pareto_rates(params: ParetoNBDParams) -> tuple[float, float, float, float]:
+    """(r, alpha, mu, phi): the mean dropout rate mu = s / beta and phi = 1 / s, the squared
+    coefficient of variation of dropout rates (0: one rate for everyone)."""
+    return params.r, params.alpha, params.s / params.beta, 1.0 / params.s
 
 
 def _pareto_terms(
     r: float,
     alpha: float,
-    s: float,
-    beta: float,
+    mu: float,
+    phi: float,
     x: FloatArray,
     t_x: FloatArray,
     T: FloatArray,  # noqa: N803
 ) -> tuple[FloatArray, FloatArray]:
-    """Log of the 'alive at T' and 'died in (t_x, T]' parts of the Pareto/NBD likelihood."""
-    alive = -(r + x) * np.log(alpha + T) - s * np.log(beta + T)
-    died = np.log(s) + _pareto_log_death(r, alpha, s, beta, x, t_x, T)
+    """Log of the 'alive at T' and 'died in (t_x, T]' parts of the Pareto/NBD likelihood,
+    without the factor Gamma(r + x) alpha^r / Gamma(r) they share."""
+    alive = -(r + x) * np.log(alpha + T) + _log_dropout_survival(mu, phi, T)
+    died = _pareto_log_death(r, alpha, mu, phi, x, t_x, T)
     return alive, died
 
 
 def _pareto_ll(
     r: float,
     alpha: float,
-    s: float,
-    beta: float,
+    mu: float,
+    phi: float,
     x: FloatArray,
     t_x: FloatArray,
     T: FloatArray,  # noqa: N803
 ) -> FloatArray:
-    common = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha) + s * np.log(beta)
-    alive, died = _pareto_terms(r, alpha, s, beta, x, t_x, T)
-    return common + np.logaddexp(alive, died)
+    common = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
+    return common + np.logaddexp(*_pareto_terms(r, alpha, mu, phi, x, t_x, T))
 
 
 def pareto_nbd_log_likelihood(
@@ -802,7 +839,7 @@ def pareto_nbd_log_likelihood(
     >>> pareto_nbd_log_likelihood(p, [0, 2], [0.0, 30.43], [38.86, 38.86]).round(4)
     array([-0.5212, -9.5543])
     """
-    return _pareto_ll(*params.as_tuple(), *_rfm_arrays(x, t_x, T))
+    return _pareto_ll(*_pareto_rates(params), *_rfm_arrays(x, t_x, T))
 
 
 def pareto_nbd_probability_alive(
@@ -825,7 +862,7 @@ def pareto_nbd_probability_alive(
     numpy.ndarray
         Probabilities in [0, 1].
     """
-    alive, died = _pareto_terms(*params.as_tuple(), *_rfm_arrays(x, t_x, T))
+    alive, died = _pareto_terms(*_pareto_rates(params), *_rfm_arrays(x, t_x, T))
     return np.exp(alive - np.logaddexp(alive, died))
 
 
@@ -905,8 +942,9 @@ def pareto_nbd_probability_no_purchase(
     xs, txs, ts = _rfm_arrays(x, t_x, T)
     hs = _horizon_array(horizon)
     xs, txs, ts, hs = np.broadcast_arrays(xs, txs, ts, hs)
-    now = np.logaddexp(*_pareto_terms(*params.as_tuple(), xs, txs, ts))
-    later = np.logaddexp(*_pareto_terms(*params.as_tuple(), xs, txs, ts + hs))
+    rates = _pareto_rates(params)
+    now = np.logaddexp(*_pareto_terms(*rates, xs, txs, ts))
+    later = np.logaddexp(*_pareto_terms(*rates, xs, txs, ts + hs))
     return np.exp(np.minimum(later - now, 0.0))
 
 
@@ -1055,7 +1093,9 @@ def bgnbd_discounted_purchases(
 
 @dataclass(frozen=True)
 class _Optimum:
-    log_params: FloatArray
+    """Where an optimiser stopped, in its coordinates (logs of the parameters, mostly)."""
+
+    theta: FloatArray
     iterations: int
     method: str
 
@@ -1066,9 +1106,9 @@ _WALL = 1e10  # what the optimisers see where the likelihood is not finite
 def _penalised(objective: Callable[[FloatArray], float]) -> Callable[[FloatArray], float]:
     """Minimise -mean LL; non-finite values (far outside the data's range) become a wall."""
 
-    def wrapped(log_params: FloatArray) -> float:
+    def wrapped(theta: FloatArray) -> float:
         with np.errstate(all="ignore"):
-            value = -objective(log_params)
+            value = -objective(theta)
         return value if np.isfinite(value) else _WALL
 
     return wrapped
@@ -1080,12 +1120,12 @@ def _penalised_with_gradient(
     """:func:`_penalised` of a value and its gradient: where either is not finite, the wall
     (with a zero gradient)."""
 
-    def wrapped(log_params: FloatArray) -> tuple[float, FloatArray]:
+    def wrapped(theta: FloatArray) -> tuple[float, FloatArray]:
         with np.errstate(all="ignore"):
-            value, gradient = objective(log_params)
+            value, gradient = objective(theta)
         if np.isfinite(value) and np.all(np.isfinite(gradient)):
             return -value, -gradient
-        return _WALL, np.zeros_like(log_params)
+        return _WALL, np.zeros_like(theta)
 
     return wrapped
 
@@ -1101,9 +1141,9 @@ def _minimise(
     objective: Callable[[FloatArray], float] | Callable[[FloatArray], tuple[float, FloatArray]],
     start: FloatArray,
     method: str,
+    bounds: Sequence[tuple[float, float]],
 ) -> optimize.OptimizeResult:
     """Minimise ``objective`` (a value, or a value and its gradient for ``_WITH_GRADIENT``)."""
-    bounds = [(-_LOG_BOUND, _LOG_BOUND)] * len(start)
     if method == "Nelder-Mead":
         options = {"maxiter": 5000, "xatol": 1e-8, "fatol": 1e-12}
     else:
@@ -1119,8 +1159,13 @@ def _minimise(
     )
 
 
-def _boundary_names(log_params: FloatArray, names: Sequence[str]) -> list[str]:
-    at_edge = np.abs(np.abs(log_params) - _LOG_BOUND) < 1e-3
+def _boundary_names(
+    theta: FloatArray, names: Sequence[str], bounds: Sequence[tuple[float, float]]
+) -> list[str]:
+    """The parameters at an edge of their box. A lower bound of 0 is no edge: it is a limit the
+    model contains (Pareto/NBD's phi = 0, one dropout rate for everyone)."""
+    lower, upper = np.array(bounds).T
+    at_edge = (np.abs(theta - lower) < 1e-3) & (lower != 0) | (np.abs(theta - upper) < 1e-3)
     return [name for name, edge in zip(names, at_edge, strict=True) if edge]
 
 
@@ -1132,18 +1177,22 @@ def _maximise(
     model: str,
     to_theta: Callable[[FloatArray], FloatArray] = np.log,
     jac: bool = False,
+    bounds: Sequence[tuple[float, float]] | None = None,
 ) -> _Optimum:
     """Try L-BFGS-B, then Nelder-Mead from where it stopped, from each start in turn;
-    ``to_theta`` maps a start to the optimiser's coordinates (default: logs). With ``jac``,
-    ``mean_ll`` gives its gradient as well, which L-BFGS-B then follows."""
+    ``to_theta`` maps a start to the optimiser's coordinates (default: logs, each within
+    ``_LOG_BOUND`` unless ``bounds`` are given). With ``jac``, ``mean_ll`` gives its gradient
+    as well, which L-BFGS-B then follows."""
+    bounds = bounds or [(-_LOG_BOUND, _LOG_BOUND)] * len(names)
     value = _penalised((lambda theta: mean_ll(theta)[0]) if jac else mean_ll)
     with_gradient = _penalised_with_gradient(mean_ll) if jac else None
     failures: list[str] = []
     for start in starts:
         x0 = to_theta(np.asarray(start, dtype=np.float64))
         for method in (_WITH_GRADIENT if jac else "L-BFGS-B", "Nelder-Mead"):
-            result = _minimise(with_gradient if method == _WITH_GRADIENT else value, x0, method)
-            edge = _boundary_names(result.x, names)
+            objective = with_gradient if method == _WITH_GRADIENT else value
+            result = _minimise(objective, x0, method, bounds)
+            edge = _boundary_names(result.x, names, bounds)
             at_floor = (
                 method == _WITH_GRADIENT
                 and result.status == 2
@@ -1230,7 +1279,7 @@ def _bgnbd_one_dropout(
             to_theta=lambda start: np.array([*np.log(start[:2]), special.logit(start[2])]),
             jac=True,
         )
-        return optimum, ll(optimum.log_params)[0] * n
+        return optimum, ll(optimum.theta)[0] * n
 
     try:
         limit, limit_ll = fitted(None)
@@ -1238,7 +1287,7 @@ def _bgnbd_one_dropout(
             return None
     except BTYDFitError:
         return None
-    log_r, log_alpha, logit_p = limit.log_params
+    log_r, log_alpha, logit_p = limit.theta
     p = special.expit(logit_p)
     log_ab = [np.log(p * _ONE_DROPOUT), np.log((1 - p) * _ONE_DROPOUT)]
     return _Optimum(
@@ -1289,7 +1338,7 @@ def fit_bgnbd(
         # and L-BFGS-B along the exact gradient runs a into its bound.
         starts = [(1.0, alpha0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 2.0)]
         optimum = _maximise(mean_ll, starts, names=("r", "alpha", "a", "b"), model="BG/NBD")
-    r, alpha, a, b = np.exp(optimum.log_params)
+    r, alpha, a, b = np.exp(optimum.theta)
     params = BGNBDParams(r=float(r), alpha=float(alpha * scale), a=float(a), b=float(b))
     return _fit(params, bgnbd_log_likelihood(params, xs, txs, ts), optimum, xs.size)
 
@@ -1325,17 +1374,29 @@ def fit_pareto_nbd(
     scale = _scale(ts, time_scale, "time_scale")
     sx, st = txs / scale, ts / scale
 
-    def mean_ll(log_params: FloatArray) -> float:
-        return float(np.mean(_pareto_ll(*np.exp(log_params), xs, sx, st)))
+    # In (r, alpha, mu = s / beta, phi = 1 / s) the limit of one dropout rate for everyone,
+    # where s and beta run off to infinity together, is the edge phi = 0 of the box.
+    def mean_ll(theta: FloatArray) -> float:
+        r, alpha, mu = np.exp(theta[:3])
+        return float(np.mean(_pareto_ll(r, alpha, mu, theta[3], xs, sx, st)))
 
     alpha0 = _rate_scale(xs, st)
-    starts = [(1.0, alpha0, 1.0, alpha0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 0.5, 0.1)]
-    optimum = _maximise(mean_ll, starts, names=("r", "alpha", "s", "beta"), model="Pareto/NBD")
-    r, alpha, s, beta = np.exp(optimum.log_params)
-    params = ParetoNBDParams(
-        r=float(r), alpha=float(alpha * scale), s=float(s), beta=float(beta * scale)
+    optimum = _maximise(
+        mean_ll,
+        [(1.0, alpha0, 1.0 / alpha0, 1.0), (1.0, 1.0, 1.0, 1.0), (0.5, 0.1, 5.0, 2.0)],
+        names=("r", "alpha", "s / beta", "1 / s"),
+        model="Pareto/NBD",
+        to_theta=lambda start: np.array([*np.log(start[:3]), start[3]]),
+        bounds=[(-_LOG_BOUND, _LOG_BOUND)] * 3 + [(0.0, np.exp(_LOG_BOUND))],
     )
-    return _fit(params, _pareto_ll(*params.as_tuple(), xs, txs, ts), optimum, xs.size)
+    r, alpha, mu = np.exp(optimum.theta[:3])
+    s = 1.0 / max(optimum.theta[3], 1.0 / _ONE_DROPOUT)
+    if s == _ONE_DROPOUT:
+        optimum = replace(optimum, method=f"{optimum.method}, one dropout rate")
+    params = ParetoNBDParams(
+        r=float(r), alpha=float(alpha * scale), s=float(s), beta=float(s / mu * scale)
+    )
+    return _fit(params, _pareto_ll(*_pareto_rates(params), xs, txs, ts), optimum, xs.size)
 
 
 def fit_gamma_gamma(
@@ -1382,7 +1443,7 @@ def fit_gamma_gamma(
 
     starts = [(1.0, 1.0, 1.0), (2.0, 3.0, 0.5), (10.0, 10.0, 5.0)]
     optimum = _maximise(mean_ll, starts, names=("p", "q", "gamma"), model="Gamma-Gamma")
-    p, q, gamma = np.exp(optimum.log_params)
+    p, q, gamma = np.exp(optimum.theta)
     params = GammaGammaParams(p=float(p), q=float(q), gamma=float(gamma * scale))
     return _fit(params, _gamma_gamma_ll(*params.as_tuple(), xs, ms), optimum, xs.size)
 
