@@ -602,6 +602,21 @@ def test_pareto_nbd_likelihood_tends_to_one_dropout_rate(s: float, rtol: float) 
     np.testing.assert_allclose(got, [reference(*c) for c in customers], rtol=rtol)
 
 
+def test_pareto_nbd_without_dropout_is_the_nbd() -> None:
+    # s / beta = 1e-330 underflows to a zero dropout rate: nobody dies, and the likelihood is
+    # the NBD's, Gamma(r + x) alpha^r / (Gamma(r) (alpha + T)^(r + x))
+    params = ParetoNBDParams(r=0.8, alpha=5.0, s=1e-30, beta=1e300)
+    x, T = np.array([0.0, 2.0]), 10.0  # noqa: N806
+    nbd = (
+        special.gammaln(0.8 + x)
+        - special.gammaln(0.8)
+        + 0.8 * np.log(5.0)
+        - (0.8 + x) * np.log(15.0)
+    )
+    got = pareto_nbd_log_likelihood(params, x, [0.0, 3.0], [T, T])
+    np.testing.assert_allclose(got, nbd, rtol=1e-12)
+
+
 def test_pareto_nbd_no_purchase_matches_the_conditional_pmf() -> None:
     """The n = 0 case of Fader & Hardie's conditional PMF (2014), written as pymc-marketing's
     ``expected_purchase_probability`` does: 1 - P(alive) + (B1 + B2 - B3) / L."""
