@@ -145,7 +145,12 @@ def pipeline(tmp_path_factory) -> Iterator[TrainedPipeline]:
     features.run(settings.features, settings.paths)
     trained = train.run(settings.train, settings.mlflow, settings.paths, seed=settings.seed)
     evaluated = evaluate.run(
-        settings.evaluate, settings.gate, settings.mlflow, settings.paths, horizon_days=90
+        settings.evaluate,
+        settings.gate,
+        settings.mlflow,
+        settings.paths,
+        horizon_days=90,
+        btyd_fit_customers=settings.features.btyd_fit_customers,
     )
     yield TrainedPipeline(
         settings,
@@ -180,6 +185,8 @@ def snapshot_aucs(
         SimpleNamespace(artifacts=write_artifacts(fitted.booster, fitted.card, model_dir))
     )
     test = pd.read_parquet(features_dir / "test.parquet")
-    horizon = settings.features.horizon_days
-    scorers = {"model": model.predict_proba(test), **evaluate.btyd_probabilities(test, horizon)}
+    btyd = evaluate.btyd_probabilities(
+        test, settings.features.horizon_days, settings.features.btyd_fit_customers
+    )
+    scorers = {"model": model.predict_proba(test), **btyd}
     return test, {name: roc_auc_score(test[LABEL], p) for name, p in scorers.items()}

@@ -51,6 +51,24 @@ def test_season_shift_moves_test_probabilities_towards_the_test_churn_rate(pipel
     )
 
 
+def test_btyd_baselines_fit_on_the_features_stage_sample_and_score_everyone(pipeline):
+    # Capped at 800 of the test snapshot's 4,000+ customers: evaluate fits BG/NBD on the very
+    # customers the features stage fits on at that cutoff, and scores all of them
+    test = pd.read_parquet(pipeline.settings.paths.features / "test.parquet")
+    cap = 800
+    settings = dataclasses.replace(pipeline.settings.features, btyd_fit_customers=cap)
+    cutoff = pd.Timestamp(test["cutoff"].iloc[0]).date()
+    columns, report = features.btyd_features(test, settings, cutoff)
+    assert report["customers"] == cap
+    probabilities = evaluate.btyd_probabilities(test, settings.horizon_days, cap)
+    np.testing.assert_allclose(probabilities["bgnbd"], columns["bgnbd_p_no_purchase"], rtol=1e-12)
+    everyone = evaluate.btyd_probabilities(test, settings.horizon_days, len(test))
+    for name in ("bgnbd", "pareto_nbd"):
+        assert probabilities[name].shape == (len(test),)
+        assert np.all(np.isfinite(probabilities[name]))
+        assert not np.allclose(probabilities[name], everyone[name], rtol=1e-6)
+
+
 def test_model_is_registered_with_aliases_and_logged(pipeline):
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("churn", "champion")
@@ -84,7 +102,9 @@ def test_weaker_model_does_not_replace_champion(pipeline, tmp_path):
         paths,
         seed=s.seed,
     )
-    outcome = evaluate.run(s.evaluate, s.gate, s.mlflow, paths, horizon_days=90)
+    outcome = evaluate.run(
+        s.evaluate, s.gate, s.mlflow, paths, horizon_days=90, btyd_fit_customers=50_000
+    )
     assert outcome.metrics["model"]["roc_auc"] < pipeline.metrics["model"]["roc_auc"]
     assert not outcome.promoted
     gate = json.loads(paths.gate_report.read_text())

@@ -163,6 +163,7 @@ def evaluate() -> None:
         settings.mlflow,
         settings.paths,
         horizon_days=settings.features.horizon_days,
+        btyd_fit_customers=settings.features.btyd_fit_customers,
     )
     log.info(
         "evaluate: model ROC-AUC %.4f (recency %.4f, rfm %.4f); champion: %s",

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from churn import btyd
 from churn.config import EvaluateSettings, GateSettings, MlflowSettings, Paths
-from churn.features import LABEL, btyd_inputs
+from churn.features import LABEL, btyd_fit_rows, btyd_inputs
 from churn.io import write_csv, write_json
 from churn.metrics import (
     GRID,
@@ -59,17 +59,23 @@ def baseline_probabilities(train: pd.DataFrame, test: pd.DataFrame) -> dict[str,
     return probabilities
 
 
-def btyd_probabilities(test: pd.DataFrame, horizon_days: int) -> dict[str, np.ndarray]:
+def btyd_probabilities(
+    test: pd.DataFrame, horizon_days: int, fit_customers: int
+) -> dict[str, np.ndarray]:
     """P(no purchase in the next ``horizon_days``) under BG/NBD and Pareto/NBD.
 
     Each model is fitted by maximum likelihood on the test customers' history before the
-    cutoff (x = purchase days - 1, t_x and T in weeks), which the snapshot holds; the churn
-    probability they imply is P(no purchase), not P(alive).
+    cutoff (x = purchase days - 1, t_x and T in weeks), which the snapshot holds: on at most
+    ``fit_customers`` of them, the sample the features stage fits on at this cutoff. Every
+    customer is scored; the churn probability the models imply is P(no purchase), not
+    P(alive).
     """
     x, t_x, age = btyd_inputs(test)
     horizon = horizon_days / 7
-    bgnbd = btyd.fit_bgnbd(x, t_x, age)
-    pareto = btyd.fit_pareto_nbd(x, t_x, age)
+    cutoff = pd.Timestamp(test["cutoff"].iloc[0]).date()
+    rows = btyd_fit_rows(len(test), cutoff, fit_customers)
+    bgnbd = btyd.fit_bgnbd(x[rows], t_x[rows], age[rows])
+    pareto = btyd.fit_pareto_nbd(x[rows], t_x[rows], age[rows])
     return {
         "bgnbd": btyd.bgnbd_probability_no_purchase(bgnbd.params, x, t_x, age, horizon=horizon),
         "pareto_nbd": btyd.pareto_nbd_probability_no_purchase(
@@ -139,6 +145,7 @@ def run(
     paths: Paths,
     *,
     horizon_days: int,
+    btyd_fit_customers: int,
 ) -> EvaluateSummary:
     """Score the test snapshot, write metrics and plot data, and gate the champion alias."""
     test = pd.read_parquet(paths.features / "test.parquet")
@@ -148,7 +155,7 @@ def run(
     scorers = {
         "model": model.predict_proba(test),
         **baseline_probabilities(train, test),
-        **btyd_probabilities(test, horizon_days),
+        **btyd_probabilities(test, horizon_days, btyd_fit_customers),
     }
     scores = evaluation(y_true, scorers, settings)
     info = json.loads(paths.model_info.read_text())

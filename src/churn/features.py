@@ -496,6 +496,12 @@ def btyd_inputs(snapshot: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndar
     return x, t_x, age
 
 
+def btyd_fit_rows(customers: int, cutoff: date, limit: int) -> np.ndarray:
+    """The rows of a snapshot's ``customers`` that BTYD models are fitted on: at most
+    ``limit``, drawn with a seed fixed by the cutoff, so every stage fits on the same ones."""
+    return np.random.default_rng(day_number(cutoff)).permutation(customers)[:limit]
+
+
 def btyd_features(
     snapshot: pd.DataFrame, settings: FeatureSettings, cutoff: date
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -514,8 +520,7 @@ def btyd_features(
     x, t_x, age = btyd_inputs(snapshot)
     spend_per_day = snapshot["monetary"].to_numpy("float64") / (x + 1)
     kept = 1 - np.clip(snapshot["return_rate"].to_numpy("float64"), 0, 1)
-    fit_rows = np.random.default_rng(day_number(cutoff)).permutation(len(snapshot))
-    fit_rows = fit_rows[: settings.btyd_fit_customers]
+    fit_rows = btyd_fit_rows(len(snapshot), cutoff, settings.btyd_fit_customers)
     horizon, year = settings.horizon_days / 7, 365.25 / 7
     out = pd.DataFrame(index=snapshot.index)
     buyers = int((x[fit_rows] > 0).sum())
