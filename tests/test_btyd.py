@@ -42,6 +42,8 @@ PAPER_PARETO = {"r": 0.5533, "alpha": 10.578, "s": 0.6062, "beta": 11.668}
 PAPER_GAMMA_GAMMA = {"p": 6.2496, "q": 3.7442, "gamma": 15.444}
 BGNBD = BGNBDParams(**PAPER_BGNBD)
 PARETO = ParetoNBDParams(**PAPER_PARETO)
+# (x, t_x, T) of the customers Pareto/NBD likelihoods are checked on
+PARETO_CUSTOMERS = [(0, 0.0, 39.0), (1, 0.0, 39.0), (3, 12.0, 39.0), (40, 2.0, 60.0), (7, 5.0, 5.0)]
 
 # Customers at the edges: no repeat purchase, first purchase on the last day, very long
 # observation, many purchases, last purchase long ago or just now.
@@ -564,8 +566,7 @@ def test_bgnbd_expected_purchases_against_quad(
     ids=["cdnow", "alpha=beta-s=1", "alpha>>beta", "alpha<<beta", "short-lives", "huge-s"],
 )
 def test_pareto_nbd_against_quad(params: ParetoNBDParams) -> None:
-    customers = [(0, 0.0, 39.0), (1, 0.0, 39.0), (3, 12.0, 39.0), (40, 2.0, 60.0), (7, 5.0, 5.0)]
-    customers.append((2, 1.0, 1e4))  # observed for far longer than most live
+    customers = [*PARETO_CUSTOMERS, (2, 1.0, 1e4)]  # observed far longer than most live
     x, t_x, T = (np.array(c, dtype=float) for c in zip(*customers, strict=True))  # noqa: N806
     reference = np.array([_pareto_ll_reference(params, *c) for c in customers])
     got = pareto_nbd_log_likelihood(params, x, t_x, T)
@@ -593,7 +594,7 @@ def test_pareto_nbd_likelihood_tends_to_one_dropout_rate(s: float, rtol: float) 
         common = special.gammaln(r + x) - special.gammaln(r) + r * math.log(alpha)
         return float(common + math.log(alive + died))
 
-    customers = [(0, 0.0, 39.0), (1, 0.0, 39.0), (3, 12.0, 39.0), (40, 2.0, 60.0), (7, 5.0, 5.0)]
+    customers = PARETO_CUSTOMERS
     x, t_x, T = (np.array(c, dtype=float) for c in zip(*customers, strict=True))  # noqa: N806
     if s == math.inf:
         got = btyd._pareto_ll(r, alpha, mu, 0.0, x, t_x, T)
