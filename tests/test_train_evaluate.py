@@ -57,7 +57,7 @@ def test_btyd_baselines_fit_on_the_features_stage_sample_and_score_everyone(pipe
     test = pd.read_parquet(pipeline.settings.paths.features / "test.parquet")
     cap = 800
     settings = dataclasses.replace(pipeline.settings.features, btyd_fit_customers=cap)
-    cutoff = pd.Timestamp(test["cutoff"].iloc[0]).date()
+    cutoff = test["cutoff"].iloc[0]
     columns, report = features.btyd_features(test, settings, cutoff)
     assert report["customers"] == cap
     probabilities = evaluate.btyd_probabilities(test, settings.horizon_days, cap)

@@ -72,7 +72,7 @@ def btyd_probabilities(
     """
     x, t_x, age = btyd_inputs(test)
     horizon = horizon_days / 7
-    cutoff = pd.Timestamp(test["cutoff"].iloc[0]).date()
+    cutoff = test["cutoff"].iloc[0]
     rows = btyd_fit_rows(len(test), cutoff, fit_customers)
     bgnbd = btyd.fit_bgnbd(x[rows], t_x[rows], age[rows])
     pareto = btyd.fit_pareto_nbd(x[rows], t_x[rows], age[rows])
