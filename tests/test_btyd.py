@@ -393,6 +393,16 @@ def test_bgnbd_expected_purchases_at_the_limit_continue_the_general_case() -> No
     np.testing.assert_allclose(tiny, no_dropout, rtol=1e-5)
 
 
+def test_bgnbd_limit_returned_by_a_fit_is_predicted_by_the_limit_formula() -> None:
+    # The fit returns the limit through log space: a + b lands a few ulps below 1e6 here.
+    p, x, age, horizon = 0.0196, np.array([0.0, 1.0, 12.0]), np.array([2.0, 50.0, 100.0]), 52.0
+    a, b = np.exp(np.log(p * 1e6)), np.exp(np.log((1 - p) * 1e6))
+    assert a + b < 1e6
+    got = btyd._bgnbd_expected_given_alive(1.8, 10.0, a, b, x, age, horizon)
+    limit = (1 - ((10.0 + age) / (10.0 + age + p * horizon)) ** (1.8 + x)) / p
+    np.testing.assert_allclose(got, limit, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     "params", [BGNBD, BGNBDParams(r=1.8, alpha=10.0, a=2e4, b=9.8e5)], ids=["cdnow", "limit"]
 )

@@ -563,7 +563,7 @@ def _bgnbd_expected_given_alive(
     distinct (x, T, horizon). At the fit's one-dropout limit (a + b >= 1e6, dropout
     probability p = a / (a + b) for everyone) the 2F1 tends to (1 - (1 - p) z)^-(r + x), and
     the expectation is (1 - ((alpha + T) / (alpha + T + p horizon))^(r + x)) / p."""
-    if a + b >= _ONE_DROPOUT:
+    if _is_one_dropout(a, b):
         p = a / (a + b)
         shrink = np.log(alpha + T) - np.log(alpha + T + p * horizon)
         return -np.expm1((r + x) * shrink) / p
@@ -1245,6 +1245,13 @@ def _fit(params: P, log_likelihood: FloatArray, optimum: _Optimum, n: int) -> BT
 # a + b values at which a spread of dropout probabilities is tried against none
 _SPREADS = (1.0, 10.0, 1e2, 1e3, 1e4)
 _ONE_DROPOUT = 1e6  # a + b that stands for the limit: probabilities within 1e-6 of it
+
+
+def _is_one_dropout(a: float, b: float) -> bool:
+    """Whether BG/NBD's (a, b) is the one-dropout limit a + b = 1e6, give or take the last
+    bits the fit's log-space parameters lose on their way back."""
+    return a + b >= _ONE_DROPOUT * (1 - 1e-9)
+
 # the 5 % critical value of the likelihood-ratio test for a parameter at its boundary
 # (chi-square mixture: 2.71 / 2 log-likelihood units)
 _NO_EVIDENCE = 1.35
