@@ -970,6 +970,20 @@ def _gamma_gamma_ll(p: float, q: float, gamma: float, x: FloatArray, m: FloatArr
     )
 
 
+def _gamma_gamma_mean_ll(
+    p: float, q: float, gamma: float, x: FloatArray, m: FloatArray
+) -> tuple[float, FloatArray]:
+    """The mean of :func:`_gamma_gamma_ll` and its gradient in (p, q, gamma)."""
+    px, spent = p * x, gamma + m * x
+    log_spent = np.log(spent)
+    value = np.mean(_gamma_gamma_ll(p, q, gamma, x, m))
+    shared = special.digamma(px + q) - log_spent
+    d_p = np.mean(x * (shared - special.digamma(px) + np.log(m * x)))
+    d_q = np.mean(shared) - special.digamma(q) + np.log(gamma)
+    d_gamma = q / gamma - np.mean((px + q) / spent)
+    return float(value), np.array([d_p, d_q, d_gamma])
+
+
 def gamma_gamma_log_likelihood(
     params: GammaGammaParams, x: ArrayLike, monetary: ArrayLike
 ) -> FloatArray:
@@ -1252,6 +1266,7 @@ def _is_one_dropout(a: float, b: float) -> bool:
     bits the fit's log-space parameters lose on their way back."""
     return a + b >= _ONE_DROPOUT * (1 - 1e-9)
 
+
 # the 5 % critical value of the likelihood-ratio test for a parameter at its boundary
 # (chi-square mixture: 2.71 / 2 log-likelihood units)
 _NO_EVIDENCE = 1.35
@@ -1451,11 +1466,13 @@ def fit_gamma_gamma(
     scale = _scale(ms, spend_scale, "spend_scale")
     scaled = ms / scale
 
-    def mean_ll(log_params: FloatArray) -> float:
-        return float(np.mean(_gamma_gamma_ll(*np.exp(log_params), xs, scaled)))
+    def mean_ll(log_params: FloatArray) -> tuple[float, FloatArray]:
+        params = np.exp(log_params)
+        value, gradient = _gamma_gamma_mean_ll(*params, xs, scaled)
+        return value, params * gradient
 
     starts = [(1.0, 1.0, 1.0), (2.0, 3.0, 0.5), (10.0, 10.0, 5.0)]
-    optimum = _maximise(mean_ll, starts, names=("p", "q", "gamma"), model="Gamma-Gamma")
+    optimum = _maximise(mean_ll, starts, names=("p", "q", "gamma"), model="Gamma-Gamma", jac=True)
     p, q, gamma = np.exp(optimum.theta)
     params = GammaGammaParams(p=float(p), q=float(q), gamma=float(gamma * scale))
     return _fit(params, _gamma_gamma_ll(*params.as_tuple(), xs, ms), optimum, xs.size)
