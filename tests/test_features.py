@@ -14,6 +14,7 @@ from churn.features import (
     SnapshotError,
     btyd_features,
     customer_features,
+    executed_snapshot,
     history,
     labelled_snapshot,
     plan_snapshots,
@@ -32,9 +33,8 @@ SETTINGS = FeatureSettings(horizon_days=30, windows_days=(30, 90))
 def _snapshot(frame: pd.DataFrame, cutoff: date = CUTOFF) -> pd.DataFrame:
     con = ibis.duckdb.connect()
     table = with_day(con.create_table("tx", frame))
-    frame, _ = snapshot_frame(
-        labelled_snapshot(history(table, SETTINGS), cutoff, SETTINGS), SETTINGS
-    )
+    snapshot = labelled_snapshot(history(table, SETTINGS), cutoff, SETTINGS)
+    frame, _ = snapshot_frame(executed_snapshot(snapshot), SETTINGS)
     return frame.set_index("customer_id")
 
 
@@ -280,7 +280,7 @@ def test_customers_without_events_count_zero_events(tiny_tx):
     engagement = Engagement(events=with_day(con.create_table("ev", events)), families=("visit",))
     table = with_day(con.create_table("tx", tiny_tx))
     past = history(table, SETTINGS, engagement)
-    snap, _ = snapshot_frame(customer_features(past, CUTOFF, SETTINGS), SETTINGS)
+    snap, _ = snapshot_frame(executed_snapshot(customer_features(past, CUTOFF, SETTINGS)), SETTINGS)
     b = snap.set_index("customer_id").loc["B"]
     assert (b["visit_30d"], b["visit_90d"]) == (0, 0)
     assert np.isnan(b["days_since_engagement"])

@@ -3,12 +3,15 @@ engine connection."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pandas as pd
 import pytest
 
 from churn import ChurnError
 from churn.config import DuckDBSettings, Engine
-from churn.io import WHITESPACE, connect, parquet_parts, read_table
+from churn.io import WHITESPACE, connect, parquet_parts, read_ahead, read_table
 
 
 def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
@@ -54,3 +57,43 @@ def test_parquet_parts_become_one_file_only_when_the_block_succeeds(tmp_path):
         stopped_mid_way()
     assert pd.read_parquet(target)["customer_id"].tolist() == ["A", "B", "C"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.parquet"]
+
+
+def _recorded(log: list[str], count: int, fail_at: int | None = None):
+    for k in range(count):
+        if k == fail_at:
+            raise ValueError(f"item {k} failed")
+        log.append(f"made {k}")
+        yield k
+
+
+def test_read_ahead_makes_the_next_item_while_this_one_is_used():
+    log: list[str] = []
+    with read_ahead(_recorded(log, 3)) as items:
+        for k in items:
+            # the next item is made in the background thread while this one is in use
+            deadline = time.monotonic() + 10
+            while k < 2 and f"made {k + 1}" not in log and time.monotonic() < deadline:
+                time.sleep(0.01)
+            log.append(f"used {k}")
+    assert [e for e in log if e.startswith("used")] == ["used 0", "used 1", "used 2"]
+    assert log.index("made 1") < log.index("used 0")
+    assert log.index("made 2") < log.index("used 1")
+
+
+def test_read_ahead_raises_an_error_where_its_item_is_taken():
+    log: list[str] = []
+    taken = []
+    with pytest.raises(ValueError, match="item 1 failed"):
+        with read_ahead(_recorded(log, 3, fail_at=1)) as items:
+            taken.extend(items)
+    assert taken == [0]
+
+
+def test_leaving_read_ahead_early_stops_the_thread():
+    log: list[str] = []
+    with read_ahead(_recorded(log, 1000)) as items:
+        assert next(items) == 0
+    done = len(log)
+    assert done <= 3  # the item taken, the one queued, the one being offered
+    assert not [t for t in threading.enumerate() if t.name == "churn-read-ahead"]

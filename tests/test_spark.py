@@ -89,12 +89,9 @@ def test_hand_checked_history_gives_the_duckdb_snapshot(spark_con, tmp_path):
     built = {}
     for name, con in (("duckdb", connect()), ("spark", spark_con)):
         table = features.with_day(con.read_parquet(path))
-        built[name], _ = features.snapshot_frame(
-            features.labelled_snapshot(
-                features.history(table, settings), date(2021, 4, 1), settings
-            ),
-            settings,
-        )
+        past = features.history(table, settings)
+        snapshot = features.labelled_snapshot(past, date(2021, 4, 1), settings)
+        built[name], _ = features.snapshot_frame(features.executed_snapshot(snapshot), settings)
     assert built["spark"]["customer_id"].tolist() == ["A", "B"]
     assert_same_table(built["duckdb"], built["spark"], ["cutoff", "customer_id"])
 

@@ -22,11 +22,12 @@ from typing import Any
 import ibis
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from ibis.expr import types as ir
 
 from churn import ChurnError, btyd
 from churn.config import Engine, FeatureSettings, Paths
-from churn.io import connect, materialise, parquet_parts, write_json
+from churn.io import connect, materialise, parquet_parts, read_ahead, write_json
 from churn.progress import progress
 
 EPOCH = date(1970, 1, 1)
@@ -436,11 +437,9 @@ def season_prior(history: History, cutoff: date, settings: FeatureSettings) -> f
     return float(rate) if rate is not None and 0 < rate < 1 else None
 
 
-def with_season_prior(
-    frame: pd.DataFrame, history: History, settings: FeatureSettings
-) -> pd.DataFrame:
-    """Add ``season_prior`` (:func:`season_prior` of each row's cutoff; NaN when unknown)."""
-    priors = {c: season_prior(history, c, settings) for c in frame["cutoff"].unique()}
+def with_season_prior(frame: pd.DataFrame, priors: dict[date, float | None]) -> pd.DataFrame:
+    """Add ``season_prior``: the :func:`season_prior` of each row's cutoff, from ``priors``
+    (NaN when unknown)."""
     return frame.assign(season_prior=frame["cutoff"].map(priors).astype("float64").round(9))
 
 
@@ -576,18 +575,26 @@ def _fit_report(fit: btyd.BTYDFit) -> dict[str, Any]:
     }
 
 
-def snapshot_frame(
-    expr: ir.Table, settings: FeatureSettings
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Execute a snapshot expression into a tidy, deterministically ordered pandas frame with
-    RFM scores and BTYD features; also return the BTYD fit report per cutoff."""
-    # Parallel float sums differ in the last bits from run to run; rounding keeps reruns
-    # equal. Rounded and sorted by the engine (faster than pandas or Arrow at it), and read
-    # through Arrow: Ibis's own to_pandas goes through Python objects for every column
-    # holding a null. A column without a value at all comes out as float64 NaN.
+def executed_snapshot(expr: ir.Table) -> pa.Table:
+    """Execute a snapshot expression into Arrow, ordered by cutoff and customer.
+
+    Parallel float sums differ in the last bits from run to run; rounding keeps reruns
+    equal. Rounded and sorted by the engine (faster than pandas or Arrow at it), and read
+    through Arrow: Ibis's own to_pandas goes through Python objects for every column
+    holding a null.
+    """
     floats = [name for name, dtype in expr.schema().items() if dtype.is_floating()]
     expr = expr.mutate(**{name: expr[name].round(9) for name in floats})
-    frame = rfm_scores(expr.order_by("cutoff", "customer_id").to_pyarrow().to_pandas())
+    return expr.order_by("cutoff", "customer_id").to_pyarrow()
+
+
+def snapshot_frame(
+    table: pa.Table, settings: FeatureSettings
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """An :func:`executed_snapshot` as a pandas frame with RFM scores and BTYD features;
+    also return the BTYD fit report per cutoff. A column without a value at all comes out
+    as float64 NaN."""
+    frame = rfm_scores(table.to_pandas())
     parts, fits = [], {}
     for cutoff, rows in frame.groupby("cutoff", sort=True):
         part, fits[str(cutoff)] = btyd_features(rows, settings, cutoff)
@@ -669,26 +676,34 @@ def run(
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
     past = history(tx, settings, engagement)
-    snapshots = {
-        "train": [labelled_snapshot(past, c, settings) for c in plan.train],
-        "test": [labelled_snapshot(past, plan.test, settings)],
-        "score": [customer_features(past, plan.as_of, settings)],
-    }
-    rows: dict[str, int] = dict.fromkeys(snapshots, 0)
+    snapshots = [
+        *(("train", c, labelled_snapshot(past, c, settings)) for c in plan.train),
+        ("test", plan.test, labelled_snapshot(past, plan.test, settings)),
+        ("score", plan.as_of, customer_features(past, plan.as_of, settings)),
+    ]
+    # The engine's work on a snapshot runs in the background while the previous one gets its
+    # RFM scores and BTYD features.
+    executed = (
+        (name, executed_snapshot(expr), {cutoff: season_prior(past, cutoff, settings)})
+        for name, cutoff, expr in snapshots
+    )
+    rows: dict[str, int] = {"train": 0, "test": 0, "score": 0}
     fits: dict[str, Any] = {}
-    # One cutoff in memory at a time; the three files appear together, and only when every
-    # snapshot has customers.
-    with contextlib.ExitStack() as files:
-        with progress("features: snapshots (cutoffs)", len(plan.train) + 2) as advance:
-            for name, expressions in snapshots.items():
-                append = files.enter_context(parquet_parts(paths.features / f"{name}.parquet"))
-                for expr in expressions:
-                    frame, cutoff_fits = snapshot_frame(expr, settings)
-                    if len(frame):
-                        append(with_season_prior(frame, past, settings))
-                    rows[name] += len(frame)
-                    fits.update(cutoff_fits)
-                    advance(1)
+    # At most two cutoffs in memory at a time; the three files appear together, and only
+    # when every snapshot has customers.
+    with contextlib.ExitStack() as stack:
+        append = {
+            name: stack.enter_context(parquet_parts(paths.features / f"{name}.parquet"))
+            for name in rows
+        }
+        advance = stack.enter_context(progress("features: snapshots (cutoffs)", len(snapshots)))
+        for name, table, priors in stack.enter_context(read_ahead(executed)):
+            frame, cutoff_fits = snapshot_frame(table, settings)
+            if len(frame):
+                append[name](with_season_prior(frame, priors))
+            rows[name] += len(frame)
+            fits.update(cutoff_fits)
+            advance(1)
         empty = [name for name, n in rows.items() if n == 0]
         if empty:
             raise SnapshotError(

@@ -6,11 +6,13 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import ibis
 import pandas as pd
@@ -31,6 +33,8 @@ SUFFIX_FORMATS = {
     ".xls": "excel",
 }
 
+
+T = TypeVar("T")
 
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
 
@@ -329,3 +333,48 @@ def write_xlsx(frame: pd.DataFrame, target: Path) -> None:
     """Write an Excel workbook atomically."""
     with atomic_path(target) as tmp:
         frame.to_excel(tmp, index=False, engine="openpyxl")
+
+
+@contextlib.contextmanager
+def read_ahead(items: Iterable[T]) -> Iterator[Iterator[T]]:
+    """Yield an iterator over ``items`` that a background thread keeps one item ahead of:
+    the engine computes the next snapshot while Python works on this one. An error raised
+    while producing an item is raised where that item is taken. Leaving the block stops the
+    thread once the item it is producing is done, so the engine is never used by two
+    threads at a time."""
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
+
+    def offer(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(entry, timeout=0.05)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((True, end))
+        except BaseException as error:  # handed to the consumer, raised there
+            offer((False, error))
+
+    def consume() -> Iterator[T]:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+
+    worker = threading.Thread(target=produce, name="churn-read-ahead", daemon=True)
+    worker.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        worker.join()

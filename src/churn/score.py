@@ -38,9 +38,11 @@ from churn.config import (
 from churn.drift import DriftError, bin_counts, drift_status, psi
 from churn.features import (
     customer_features,
+    executed_snapshot,
     feature_spec,
     history,
     load_engagement,
+    season_prior,
     snapshot_frame,
     with_day,
     with_season_prior,
@@ -150,8 +152,8 @@ def scoring_snapshot(
     engagement = load_engagement(con, events, families) if events else None
     spec = feature_spec(settings, engagement.families if engagement else ())
     past = history(tx, settings, engagement)
-    frame, _ = snapshot_frame(customer_features(past, as_of, settings), settings)
-    return with_season_prior(frame, past, settings), spec
+    frame, _ = snapshot_frame(executed_snapshot(customer_features(past, as_of, settings)), settings)
+    return with_season_prior(frame, {as_of: season_prior(past, as_of, settings)}), spec
 
 
 @dataclass(frozen=True)
