@@ -84,9 +84,11 @@ def test_read_ahead_makes_the_next_item_while_this_one_is_used():
 def test_read_ahead_raises_an_error_where_its_item_is_taken():
     log: list[str] = []
     taken = []
-    with pytest.raises(ValueError, match="item 1 failed"):
-        with read_ahead(_recorded(log, 3, fail_at=1)) as items:
-            taken.extend(items)
+    with (
+        pytest.raises(ValueError, match="item 1 failed"),
+        read_ahead(_recorded(log, 3, fail_at=1)) as items,
+    ):
+        taken.extend(items)
     assert taken == [0]
 
 

@@ -172,9 +172,11 @@ def test_sigkill_mid_write_leaves_previous_list_and_no_partial_file(pipeline, tm
         },
         score={"chunk_rows": 20},
     )
+    scratch = tmp_path / "scratch"  # the killed job cannot clean its scratch up
+    scratch.mkdir()
     with subprocess.Popen(
         [sys.executable, "-m", "churn", "--params", str(params), "score", "--allow-drift"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri},
+        env={**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, "TMPDIR": str(scratch)},
         stderr=subprocess.PIPE,
         text=True,
     ) as process:
