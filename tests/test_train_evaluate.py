@@ -69,6 +69,14 @@ def test_btyd_baselines_fit_on_the_features_stage_sample_and_score_everyone(pipe
         assert not np.allclose(probabilities[name], everyone[name], rtol=1e-6)
 
 
+def test_too_few_repeat_buyers_give_no_btyd_baseline_not_a_failed_fit(pipeline, caplog):
+    test = pd.read_parquet(pipeline.settings.paths.features / "test.parquet")
+    sample = features.MIN_BTYD_BUYERS - 1  # cannot hold enough repeat buyers
+    assert evaluate.btyd_probabilities(test, 90, sample) == {}
+    assert "no BG/NBD or Pareto/NBD baseline" in caplog.text
+    assert f"fewer than {features.MIN_BTYD_BUYERS}" in caplog.text
+
+
 def test_model_is_registered_with_aliases_and_logged(pipeline):
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("churn", "champion")

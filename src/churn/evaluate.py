@@ -11,6 +11,7 @@ the registry alias ``champion`` when, on this same snapshot, its ROC-AUC is at m
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 
 from churn import btyd
 from churn.config import EvaluateSettings, GateSettings, MlflowSettings, Paths
-from churn.features import LABEL, btyd_fit_rows, btyd_inputs
+from churn.features import LABEL, btyd_fit_rows, btyd_inputs, too_few_buyers
 from churn.io import write_csv, write_json
 from churn.metrics import (
     GRID,
@@ -33,6 +34,8 @@ from churn.metrics import (
 )
 from churn.model import ModelError, load_model
 from churn.registry import CHAMPION, promote, version_by_alias
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,17 @@ def btyd_probabilities(
     cutoff (x = purchase days - 1, t_x and T in weeks), which the snapshot holds: on at most
     ``fit_customers`` of them, the sample the features stage fits on at this cutoff. Every
     customer is scored; the churn probability the models imply is P(no purchase), not
-    P(alive).
+    P(alive). With too few repeat buyers among them to fit (as in the features stage), there
+    are no BTYD baselines: an empty dict, and a warning.
     """
     x, t_x, age = btyd_inputs(test)
     horizon = horizon_days / 7
     cutoff = test["cutoff"].iloc[0]
     rows = btyd_fit_rows(len(test), cutoff, fit_customers)
+    reason = too_few_buyers(x[rows])
+    if reason:
+        log.warning("evaluate: no BG/NBD or Pareto/NBD baseline at cutoff %s: %s", cutoff, reason)
+        return {}
     bgnbd = btyd.fit_bgnbd(x[rows], t_x[rows], age[rows])
     pareto = btyd.fit_pareto_nbd(x[rows], t_x[rows], age[rows])
     return {

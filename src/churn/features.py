@@ -507,6 +507,15 @@ def btyd_fit_rows(customers: int, cutoff: date, limit: int) -> np.ndarray:
     return np.random.default_rng(day_number(cutoff)).permutation(customers)[:limit]
 
 
+def too_few_buyers(x: np.ndarray) -> str | None:
+    """Why BTYD models are not fitted to customers with repeat purchases ``x``, or ``None``
+    when enough of them bought again (``MIN_BTYD_BUYERS``) for a fit to mean something."""
+    buyers = int((x > 0).sum())
+    if buyers < MIN_BTYD_BUYERS:
+        return f"{buyers} customers with repeat purchases, fewer than {MIN_BTYD_BUYERS}"
+    return None
+
+
 def btyd_features(
     snapshot: pd.DataFrame, settings: FeatureSettings, cutoff: date
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -528,9 +537,8 @@ def btyd_features(
     fit_rows = btyd_fit_rows(len(snapshot), cutoff, settings.btyd_fit_customers)
     horizon, year = settings.horizon_days / 7, 365.25 / 7
     out = pd.DataFrame(index=snapshot.index)
-    buyers = int((x[fit_rows] > 0).sum())
-    if buyers < MIN_BTYD_BUYERS:
-        reason = f"{buyers} customers with repeat purchases, fewer than {MIN_BTYD_BUYERS}"
+    reason = too_few_buyers(x[fit_rows])
+    if reason:
         log.warning("BTYD features at cutoff %s left missing: %s", cutoff, reason)
         for column in BTYD_COLUMNS:
             out[column] = np.nan
@@ -625,6 +633,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             rfm_scores,
             rfm_segment,
             btyd_inputs,
+            too_few_buyers,
             btyd_features,
             season_prior,
         )
