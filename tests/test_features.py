@@ -10,6 +10,7 @@ import pytest
 from churn.config import RFM_SEGMENTS, FeatureSettings
 from churn.features import (
     BTYD_COLUMNS,
+    YEAR_FEATURES,
     Engagement,
     SnapshotError,
     btyd_features,
@@ -110,6 +111,30 @@ def test_a_feature_no_customer_has_stays_a_numeric_column():
     assert snap["days_since_return"].dtype == "float64"
     assert snap["days_since_return"].isna().all()
     assert snap["return_orders"].tolist() == [0]
+
+
+def test_windows_reaching_before_the_first_day_are_unknown_not_zero():
+    # The data start on 2021-01-01 (day 0); X bought on days 0 and 50.
+    frame = tx([("X", "O1", "2021-01-01 10:00", 10.0), ("X", "O2", "2021-02-20 10:00", 20.0)])
+    early = _snapshot(frame, date(2021, 4, 11)).loc["X"]  # day 100
+    assert (early["frequency"], early["recency_days"]) == (2, 50)
+    assert (early["orders_30d"], early["orders_90d"], early["spend_90d"]) == (0, 1, 20.0)
+    # The trend's previous window starts on day -80, the year-long ones on day -265.
+    for name in ("orders_trend", "spend_trend", *YEAR_FEATURES):
+        assert np.isnan(early[name]), name
+    late = _snapshot(frame, date(2022, 2, 5)).loc["X"]  # day 400: every window observed
+    expected = {
+        "orders_90d": 0,
+        "orders_trend": 1.0,
+        "orders_same_window_last_year": 1,  # days [35, 65)
+        "spend_same_window_last_year": 20.0,
+        "spend_share_same_window_last_year": 1.0,
+        "season_order_share": 0.5,  # day 50 is 15 days into the coming 30 of its year
+        "active_months_365d": 1,
+        "max_gap_365d": 50.0,
+    }
+    for name, value in expected.items():
+        assert late[name] == pytest.approx(value), name
 
 
 def test_basket_size_counts_each_product_of_an_order_once():

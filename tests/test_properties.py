@@ -85,7 +85,9 @@ def test_rfm_matches_pandas_reference(rows):
 @given(lines)
 def test_gaps_between_purchase_days_match_pandas_reference(rows):
     # Orders here often span days, and the part before the cutoff decides whether they count.
-    frame = _table(rows)
+    # A return 400 days before START makes the data reach back over a year: every window of
+    # the year before the cutoff is observed.
+    frame = _table([*rows, ("z", 0, -400 * 24, -1.0)])
     ours = _features(frame).set_index("customer_id")
     orders = reference_orders(frame, CUTOFF)
     assert sorted(ours.index) == sorted(orders["customer_id"].unique())

@@ -231,3 +231,51 @@ def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipelin
         assert (tmp_path / "streamed" / name).read_bytes() == (
             tmp_path / "whole" / name
         ).read_bytes()
+
+
+def test_a_feature_with_no_value_to_train_on_is_not_checked_for_drift(pipeline, tmp_path):
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from churn import score, train
+    from churn.model import ChurnModel, write_artifacts
+
+    settings = pipeline.settings
+    features = settings.paths.features
+    # As on data starting less than a year before the newest training cutoff.
+    snapshots = pd.read_parquet(features / "train.parquet")
+    snapshots["orders_same_window_last_year"] = np.nan
+    spec = json.loads((features / "spec.json").read_text())
+    quick = dataclasses.replace(settings.train, n_trials=0, max_rounds=50)
+    fitted = train.build_model(snapshots, quick, spec, seed=settings.seed)
+    column = fitted.card.features.index("orders_same_window_last_year")
+    assert fitted.booster.feature_importance("split")[column] == 0  # no tree can use it
+    assert "orders_same_window_last_year" not in fitted.card.reference
+    assert "orders_365d" in fitted.card.reference
+    model = ChurnModel()
+    artifacts = write_artifacts(fitted.booster, fitted.card, tmp_path / "model")
+    model.load_context(SimpleNamespace(artifacts=artifacts))
+    # The scoring snapshot has the column: every customer with a number in it.
+    scoring = pd.read_parquet(features / "score.parquet")
+    assert scoring["orders_same_window_last_year"].notna().all()
+    job = score.ScoreJob(
+        out=tmp_path / "list.csv",
+        drift_report=tmp_path / "drift.json",
+        campaign_report=tmp_path / "campaign.json",
+        model_version="1",
+    )
+    score.run(
+        features / "score.parquet",
+        spec,
+        model,
+        job,
+        settings=settings.score,
+        drift=settings.drift,
+        actions=settings.actions,
+        campaign=settings.campaign,
+    )
+    drift = json.loads(job.drift_report.read_text())["columns"]
+    assert "orders_same_window_last_year" not in drift
+    assert "orders_365d" in drift
+    assert len(pd.read_csv(job.out)) == len(scoring)

@@ -280,6 +280,34 @@ def order_features(
     ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
+# Windowed transaction features that do not end with their window's length in days.
+TREND_FEATURES = ("orders_trend", "spend_trend")  # the previous window: 2 x TREND_DAYS back
+YEAR_FEATURES = (
+    "orders_same_window_last_year",
+    "spend_same_window_last_year",
+    "spend_share_same_window_last_year",
+    "season_order_share",
+    "active_months_365d",
+    "max_gap_365d",
+)
+
+
+def unobserved_windows(
+    cutoff_day: int, first_day: int | None, windows: tuple[int, ...]
+) -> list[str]:
+    """The windowed features whose window starts before the history's first day: the data
+    cannot tell them, so they are unknown (null) at that cutoff, not zero.
+
+    >>> unobserved_windows(200, 0, (30, 365))[:3]
+    ['orders_365d', 'spend_365d', 'orders_same_window_last_year']
+    """
+    if first_day is None:
+        return []
+    spans = {f"{kind}_{w}d": w for w in windows for kind in ("orders", "spend")}
+    spans |= dict.fromkeys(TREND_FEATURES, 2 * TREND_DAYS) | dict.fromkeys(YEAR_FEATURES, 365)
+    return [name for name, days in spans.items() if cutoff_day - days < first_day]
+
+
 def _day_gaps(orders: ir.Table) -> ir.Table:
     """The distinct days of ``orders`` per customer, with the gap since the previous one."""
     days = orders.select("customer_id", "day").distinct()
@@ -393,6 +421,8 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     )
     if "online_order_share" in joined.columns:
         joined = joined.relocate("online_order_share", after=joined.columns[-1])
+    unobserved = unobserved_windows(day_number(cutoff), history.first_day, settings.windows_days)
+    joined = joined.mutate(**{name: ibis.null(joined[name].type()) for name in unobserved})
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
         gap_cv=joined.gap_std_days / joined.gap_mean_days,
@@ -625,6 +655,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             purchase_orders,
             order_features,
             _day_gaps,
+            unobserved_windows,
             purchase_day_features,
             line_features,
             engagement_features,

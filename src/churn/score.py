@@ -235,7 +235,8 @@ def _predict_batch(
     calibrated = model.validation_season_proba(frame)
     probability = model.in_season(calibrated, frame)
     for name in model.feature_names:
-        counts[name] += bin_counts(references[name], frame[name].to_numpy("float64"))
+        if name in references:  # features the model cannot use are not profiled
+            counts[name] += bin_counts(references[name], frame[name].to_numpy("float64"))
     counts["churn_probability"] += bin_counts(references["churn_probability"], calibrated)
     return pd.DataFrame(
         {
