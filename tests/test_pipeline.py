@@ -189,6 +189,17 @@ def _truly_churned(snapshot: pd.DataFrame, root: Path, horizon_days: int) -> np.
     return (joined["churn_ts"] < end).to_numpy(dtype="int8")
 
 
+def test_plots_render_when_the_btyd_baselines_could_not_be_fitted(synthetic_repo):
+    root, env, _ = synthetic_repo
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"recency", "rfm"}  # 9 customers to fit BTYD on
+    roc = pd.read_csv(root / "reports/plots/roc.csv")
+    assert roc[["bgnbd", "pareto_nbd"]].isna().all().all()
+    shown = json.loads(_run(["dvc", "plots", "show", "--json"], root, env))
+    assert "errors" not in shown, shown["errors"]
+    assert set(shown["data"]) >= {"reports/plots/roc.csv", "reports/plots/gains.csv"}
+
+
 def test_synthetic_engagement_features_reach_the_importance_table(synthetic_repo):
     root, env, _ = synthetic_repo
     spec = json.loads((root / "data/features/spec.json").read_text())

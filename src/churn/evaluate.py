@@ -36,6 +36,7 @@ from churn.model import ModelError, load_model
 from churn.registry import CHAMPION, promote, version_by_alias
 
 log = logging.getLogger(__name__)
+BTYD_BASELINES = ("bgnbd", "pareto_nbd")
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,9 @@ def run(
     write_json(metrics, paths.metrics)
     write_json(gate_report, paths.gate_report)
     for kind, table in curves(y_true, scorers).items():
-        write_csv(table, paths.plots / f"{kind}.csv")
+        # dvc.yaml plots both BTYD baselines: left out, they are empty columns (plots render).
+        absent = [name for name in BTYD_BASELINES if name not in table]
+        write_csv(table.assign(**dict.fromkeys(absent, np.nan)), paths.plots / f"{kind}.csv")
     write_csv(
         calibration_table(y_true, scorers["model"], n_bins=settings.calibration_bins).round(6),
         paths.plots / "calibration.csv",
