@@ -27,7 +27,7 @@ from ibis.expr import types as ir
 
 from churn import ChurnError, btyd
 from churn.config import Engine, FeatureSettings, Paths
-from churn.io import connect, materialise, parquet_parts, read_ahead, write_json
+from churn.io import connect, materialise, parquet_parts, read_ahead, release, write_json
 from churn.progress import progress
 
 EPOCH = date(1970, 1, 1)
@@ -143,9 +143,9 @@ class History:
 def _order_summary(bought: ir.Table) -> dict[str, ir.Value]:
     """An order's first day, value, distinct products and (when lines have it) ``online``."""
     summary = {
-        "day": bought.day.min(),
+        "day": bought.day.min().cast("int32"),
         "value": bought.amount.sum(),
-        "products": bought.product_id.nunique(),
+        "products": bought.product_id.nunique().cast("int32"),
     }
     if "online" in bought.columns:
         summary["online"] = bought.online.any()
@@ -164,13 +164,18 @@ def history(
         wanted = [c.strip().lower() for c in settings.online_channels]
         bought = bought.mutate(online=bought.channel.strip().lower().isin(wanted).fill_null(False))
     orders = bought.group_by("customer_id", "order_id").agg(
-        **_order_summary(bought), last_day=bought.day.max()
+        **_order_summary(bought), last_day=bought.day.max().cast("int32")
     )
-    orders = materialise(con, ibis.util.gen_name("orders"), orders)
-    spanning = orders.filter(orders.day < orders.last_day).select(
-        "customer_id", "order_id", "last_day"
+    named = ibis.util.gen_name("orders")
+    with_ids = materialise(con, named, orders)
+    spanning = with_ids.filter(with_ids.day < with_ids.last_day)
+    open_lines = bought.inner_join(
+        spanning.select("customer_id", "order_id", "last_day"), ["customer_id", "order_id"]
     )
-    open_lines = bought.inner_join(spanning, ["customer_id", "order_id"])
+    open_lines = materialise(con, ibis.util.gen_name("open_lines"), open_lines)
+    # Order ids are needed no further: the table kept for the cutoffs goes without them.
+    orders = materialise(con, ibis.util.gen_name("orders"), with_ids.drop("order_id"))
+    release(con, named)
     returned = lines.is_return
     purchase = ~returned & (lines.quantity > 0)
     line_days = lines.group_by("customer_id", "day").agg(
@@ -190,13 +195,16 @@ def history(
         line_days = line_days.left_join(per_day, ["customer_id", "day"])
         line_days = line_days.drop("customer_id_right", "day_right")
         line_days = line_days.mutate(**{name: line_days[name].fill_null(0)})
+    # Day numbers and counts fit 32 bits: half the memory of the tables kept for the cutoffs.
+    narrow = ("day", "returns", "bought_lines", "new_products", "new_return_orders")
+    line_days = line_days.mutate(**{c: line_days[c].cast("int32") for c in narrow})
     line_days = materialise(con, ibis.util.gen_name("line_days"), line_days)
     first_day = line_days.day.min().execute()
     one_day = orders.filter(orders.day == orders.last_day, orders.value > 0)
     purchase_days = _day_gaps(one_day)
     return History(
         orders=orders,
-        open_lines=materialise(con, ibis.util.gen_name("open_lines"), open_lines),
+        open_lines=open_lines,
         line_days=line_days,
         purchase_days=materialise(con, ibis.util.gen_name("purchase_days"), purchase_days),
         first_day=None if pd.isna(first_day) else int(first_day),
@@ -214,7 +222,7 @@ def purchase_orders(history: History, cutoff: date) -> ir.Table:
     lines = history.open_lines
     lines = lines.filter(lines.day < c, lines.last_day >= c)
     part = lines.group_by("customer_id", "order_id").agg(**_order_summary(lines))
-    both = ibis.union(whole, part)
+    both = ibis.union(whole, part.drop("order_id"))
     return both.filter(both.value > 0)
 
 
@@ -312,7 +320,9 @@ def _day_gaps(orders: ir.Table) -> ir.Table:
     """The distinct days of ``orders`` per customer, with the gap since the previous one."""
     days = orders.select("customer_id", "day").distinct()
     return days.mutate(
-        gap=days.day - days.day.lag().over(group_by=days.customer_id, order_by=days.day)
+        gap=(days.day - days.day.lag().over(group_by=days.customer_id, order_by=days.day)).cast(
+            "int32"
+        )
     )
 
 

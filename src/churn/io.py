@@ -264,6 +264,14 @@ def materialise(con: ibis.BaseBackend, name: str, expr: ir.Table) -> ir.Table:
     return con.create_table(name, expr, temp=True)
 
 
+def release(con: ibis.BaseBackend, name: str) -> None:
+    """Drop the table :func:`materialise` kept as ``name`` once the tables built from it are
+    materialised too. On Spark it stays cached for the session: its caches fill lazily, when
+    first read, so the tables built from it would recompute it."""
+    if not is_spark(con):
+        con.drop_table(name, database="temp")
+
+
 def write_parquet(frame: pd.DataFrame | ir.Table, target: Path) -> None:
     """Write a pandas frame or an Ibis expression (streamed by the engine) to one Parquet
     file. On Spark the executors write it (one partition) beside ``target``; the driver
