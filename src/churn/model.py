@@ -41,12 +41,13 @@ class ModelError(ChurnError):
 class ModelCard:
     """What a model was trained on, how its scores are calibrated, and what it expects.
 
-    ``reference`` holds drift profiles (see :mod:`churn.drift`) of the churn probability and
-    of every feature with a value on the validation snapshot. The score that is calibrated is
-    ``blend_weight`` x the booster's probability + the rest x the BTYD churn probability in
-    ``blend_column`` (none: the booster alone). ``season_prior`` is the validation
-    snapshot's :func:`churn.features.season_prior`: calibrated probabilities are moved from
-    that season to each scored row's (see :func:`shift_season`).
+    ``reference`` holds drift profiles (see :mod:`churn.drift`), on the validation snapshot,
+    of the churn probability and of every feature with a value in the training snapshots.
+    The score that is calibrated is ``blend_weight`` x the booster's probability + the rest
+    x the BTYD churn probability in ``blend_column`` (none: the booster alone).
+    ``season_prior`` is the validation snapshot's :func:`churn.features.season_prior`:
+    calibrated probabilities are moved from that season to each scored row's (see
+    :func:`shift_season`).
     """
 
     features: list[str]

@@ -308,12 +308,12 @@ def build_model(
     btyd_p = valid[chosen.column].to_numpy("float64") if chosen.column else None
     raw = blend(booster_p, btyd_p, chosen.weight)
     cal_x, cal_y = fit_calibration(raw, valid[LABEL].to_numpy())
-    # A feature without a value in the validation snapshot has none in the older ones either
-    # (its window reaches before the data): no tree splits on it, its drift moves no score.
+    # A feature without any value in the snapshots (a window reaching before the data) is
+    # one no tree can split on: its drift moves no score.
     reference = {
         f: profile(valid[f].to_numpy("float64"), bins=drift_bins)
         for f in features
-        if valid[f].notna().any()
+        if snapshots[f].notna().any()
     }
     reference["churn_probability"] = profile(calibrate(raw, cal_x, cal_y), bins=drift_bins)
     card = ModelCard(
