@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -15,6 +15,10 @@ import pytest
 import yaml
 
 from churn.config import Settings, settings_from_dict
+
+if TYPE_CHECKING:
+    from churn.model import ChurnModel
+    from churn.train import Fitted
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -164,26 +168,34 @@ def pipeline(tmp_path_factory) -> Iterator[TrainedPipeline]:
     mlflow.set_tracking_uri(previous)
 
 
+def unsaved_model(fitted: Fitted, folder: Path) -> ChurnModel:
+    """The :class:`churn.model.ChurnModel` of a ``train.build_model`` result, its artifacts
+    written to ``folder``, without MLflow."""
+    from types import SimpleNamespace
+
+    from churn.model import ChurnModel, write_artifacts
+
+    model = ChurnModel()
+    model.load_context(
+        SimpleNamespace(artifacts=write_artifacts(fitted.booster, fitted.card, folder))
+    )
+    return model
+
+
 def snapshot_aucs(
     features_dir: Path, settings: Settings, model_dir: Path
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Train a model on the snapshots in ``features_dir`` (no tracking store), score its test
     snapshot, and return that snapshot with the ROC-AUC of the model and both BTYD models."""
-    from types import SimpleNamespace
-
     from sklearn.metrics import roc_auc_score
 
     from churn import evaluate, train
     from churn.features import LABEL
-    from churn.model import ChurnModel, write_artifacts
 
     snapshots = pd.read_parquet(features_dir / "train.parquet")
     spec = json.loads((features_dir / "spec.json").read_text())
     fitted = train.build_model(snapshots, settings.train, spec, seed=settings.seed)
-    model = ChurnModel()
-    model.load_context(
-        SimpleNamespace(artifacts=write_artifacts(fitted.booster, fitted.card, model_dir))
-    )
+    model = unsaved_model(fitted, model_dir)
     test = pd.read_parquet(features_dir / "test.parquet")
     btyd = evaluate.btyd_probabilities(
         test, settings.features.horizon_days, settings.features.btyd_fit_customers

@@ -17,7 +17,7 @@ from churn.config import ParamsError
 from churn.reasons import explain, has_phrase, phrase
 from churn.score import retention_columns, risk_deciles, risk_tiers
 from churn.train import feature_columns
-from tests.conftest import ROOT, project_params
+from tests.conftest import ROOT, project_params, unsaved_model
 
 
 def test_deciles_split_twenty_customers_two_per_decile():
@@ -236,10 +236,8 @@ def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipelin
 def test_a_feature_with_no_value_to_train_on_is_not_checked_for_drift(pipeline, tmp_path):
     import dataclasses
     import json
-    from types import SimpleNamespace
 
     from churn import score, train
-    from churn.model import ChurnModel, write_artifacts
 
     settings = pipeline.settings
     features = settings.paths.features
@@ -253,9 +251,7 @@ def test_a_feature_with_no_value_to_train_on_is_not_checked_for_drift(pipeline, 
     assert fitted.booster.feature_importance("split")[column] == 0  # no tree can use it
     assert "orders_same_window_last_year" not in fitted.card.reference
     assert "orders_365d" in fitted.card.reference
-    model = ChurnModel()
-    artifacts = write_artifacts(fitted.booster, fitted.card, tmp_path / "model")
-    model.load_context(SimpleNamespace(artifacts=artifacts))
+    model = unsaved_model(fitted, tmp_path / "model")
     # The scoring snapshot has the column: every customer with a number in it.
     scoring = pd.read_parquet(features / "score.parquet")
     assert scoring["orders_same_window_last_year"].notna().all()
