@@ -142,10 +142,13 @@ class History:
 
 def _order_summary(bought: ir.Table) -> dict[str, ir.Value]:
     """An order's first day, value, distinct products and (when lines have it) ``online``."""
+    # Distinct products as the length of the order's distinct product list: on DuckDB a
+    # fraction of the time and memory of COUNT(DISTINCT) over millions of orders.
+    products = bought.product_id.collect().unique().length().fill_null(0)
     summary = {
         "day": bought.day.min().cast("int32"),
         "value": bought.amount.sum(),
-        "products": bought.product_id.nunique().cast("int32"),
+        "products": products.cast("int32"),
     }
     if "online" in bought.columns:
         summary["online"] = bought.online.any()
