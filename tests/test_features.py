@@ -291,16 +291,21 @@ def test_hand_computed_engagement_features(tiny_tx):
     assert np.isnan(b["nps_detractor"])
 
 
-def test_customers_without_events_count_zero_events(tiny_tx):
-    events = pd.DataFrame(
+def _visits(rows: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(
         {
-            "customer_id": ["A"],
-            "ts": pd.to_datetime(["2021-03-25"]).astype("datetime64[us]"),
-            "event_type": ["visit"],
-            "family": ["visit"],
-            "value": [np.nan],
+            "customer_id": [customer for customer, _ in rows],
+            "ts": pd.to_datetime([ts for _, ts in rows]).astype("datetime64[us]"),
+            "event_type": "visit",
+            "family": "visit",
+            "value": np.nan,
         }
     )
+
+
+def test_customers_without_events_count_zero_events(tiny_tx):
+    # C's visit a year before starts the events file: every window at the cutoff is observed.
+    events = _visits([("C", "2020-03-01"), ("A", "2021-03-25")])
     con = ibis.duckdb.connect()
     engagement = Engagement(events=with_day(con.create_table("ev", events)), families=("visit",))
     table = with_day(con.create_table("tx", tiny_tx))
@@ -311,6 +316,21 @@ def test_customers_without_events_count_zero_events(tiny_tx):
     assert np.isnan(b["days_since_engagement"])
     assert snap["visit_30d"].tolist() == [1, 0]  # A, B
     assert pd.api.types.is_integer_dtype(snap["visit_30d"])  # a model input, not an object
+
+
+def test_engagement_windows_reaching_before_the_first_event_are_unknown_not_zero(tiny_tx):
+    # The events file starts on 2021-03-02, exactly 30 days before the cutoff.
+    events = _visits([("A", "2021-03-02 10:00"), ("A", "2021-03-20 10:00")])
+    con = ibis.duckdb.connect()
+    engagement = Engagement(events=with_day(con.create_table("ev", events)), families=("visit",))
+    past = history(with_day(con.create_table("tx", tiny_tx)), SETTINGS, engagement)
+    snap, _ = snapshot_frame(executed_snapshot(customer_features(past, CUTOFF, SETTINGS)), SETTINGS)
+    a, b = snap.set_index("customer_id").loc["A"], snap.set_index("customer_id").loc["B"]
+    assert (a["visit_30d"], b["visit_30d"]) == (2, 0)  # its window starts on the first day
+    assert a["days_since_engagement"] == 12
+    for name in ("visit_90d", "engagement_trend"):  # windows from 2021-01-01 and 2020-10-03
+        assert np.isnan(a[name]), name
+        assert np.isnan(b[name]), name
 
 
 CHANNEL_SETTINGS = FeatureSettings(

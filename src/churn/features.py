@@ -138,6 +138,7 @@ class History:
     purchase_days: ir.Table
     first_day: int | None  # the day number of the first line; None without lines
     engagement: Engagement | None = None
+    first_event_day: int | None = None  # the day number of the first engagement event
 
 
 def _order_summary(bought: ir.Table) -> dict[str, ir.Value]:
@@ -203,6 +204,7 @@ def history(
     line_days = line_days.mutate(**{c: line_days[c].cast("int32") for c in narrow})
     line_days = materialise(con, ibis.util.gen_name("line_days"), line_days)
     first_day = line_days.day.min().execute()
+    first_event_day = None if engagement is None else engagement.events.day.min().execute()
     one_day = orders.filter(orders.day == orders.last_day, orders.value > 0)
     purchase_days = _day_gaps(one_day)
     return History(
@@ -212,6 +214,7 @@ def history(
         purchase_days=materialise(con, ibis.util.gen_name("purchase_days"), purchase_days),
         first_day=None if pd.isna(first_day) else int(first_day),
         engagement=engagement,
+        first_event_day=None if pd.isna(first_event_day) else int(first_event_day),
     )
 
 
@@ -317,6 +320,22 @@ def unobserved_windows(
     spans = {f"{kind}_{w}d": w for w in windows for kind in ("orders", "spend")}
     spans |= dict.fromkeys(TREND_FEATURES, 2 * TREND_DAYS) | dict.fromkeys(YEAR_FEATURES, 365)
     return [name for name, days in spans.items() if cutoff_day - days < first_day]
+
+
+def unobserved_engagement(
+    cutoff_day: int, first_event_day: int | None, families: tuple[str, ...]
+) -> list[str]:
+    """The engagement counts and trend whose window starts before the first event of the
+    events file (where its export begins): unknown (null) at that cutoff, not zero.
+
+    >>> unobserved_engagement(100, 40, ("visit",))
+    ['visit_90d', 'engagement_trend']
+    """
+    if first_event_day is None:
+        return []
+    spans = {f"{family}_{w}d": w for family in families for w in ENGAGEMENT_WINDOWS}
+    spans["engagement_trend"] = 2 * TREND_DAYS
+    return [name for name, days in spans.items() if cutoff_day - days < first_event_day]
 
 
 def _day_gaps(orders: ir.Table) -> ir.Table:
@@ -434,7 +453,11 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     )
     if "online_order_share" in joined.columns:
         joined = joined.relocate("online_order_share", after=joined.columns[-1])
-    unobserved = unobserved_windows(day_number(cutoff), history.first_day, settings.windows_days)
+    c = day_number(cutoff)
+    unobserved = unobserved_windows(c, history.first_day, settings.windows_days)
+    if history.engagement is not None:
+        families = history.engagement.families
+        unobserved += unobserved_engagement(c, history.first_event_day, families)
     joined = joined.mutate(**{name: ibis.null(joined[name].type()) for name in unobserved})
     return joined.mutate(
         overdue_ratio=joined.recency_days / joined.gap_mean_days,
