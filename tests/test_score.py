@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from churn import ChurnError
 from churn.actions import (
     assign_actions,
     expected_value_saved,
@@ -13,7 +14,7 @@ from churn.actions import (
     select_top_probability,
     value_bands,
 )
-from churn.config import ParamsError
+from churn.config import DuckDBSettings, ParamsError
 from churn.reasons import explain, has_phrase, phrase
 from churn.score import retention_columns, risk_deciles, risk_tiers
 from churn.train import feature_columns
@@ -225,12 +226,34 @@ def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipelin
     )
     batched = dataclasses.replace(settings.score, chunk_rows=97)
     streamed = score.run(snapshot_path, spec, model, job("streamed"), settings=batched, **common)
-    assert streamed == whole
+    # The rank-order sort within a small DuckDB memory limit: the same list.
+    small = score.run(
+        snapshot_path,
+        spec,
+        model,
+        job("small"),
+        settings=batched,
+        memory=DuckDBSettings("16MB"),
+        **common,
+    )
+    assert streamed == whole == small
     assert whole.customers > 300
-    for name in ("list.csv", "drift.json", "campaign.json"):
-        assert (tmp_path / "streamed" / name).read_bytes() == (
-            tmp_path / "whole" / name
-        ).read_bytes()
+    for folder in ("streamed", "small"):
+        for name in ("list.csv", "drift.json", "campaign.json"):
+            assert (tmp_path / folder / name).read_bytes() == (
+                tmp_path / "whole" / name
+            ).read_bytes()
+    # The limit reaches the sort: one that is not a size is named.
+    with pytest.raises(ChurnError, match=r"duckdb\.memory_limit: 'lots'"):
+        score.run(
+            snapshot_path,
+            spec,
+            model,
+            job("bad"),
+            settings=batched,
+            memory=DuckDBSettings("lots"),
+            **common,
+        )
 
 
 def test_a_feature_with_no_value_to_train_on_is_not_checked_for_drift(pipeline, tmp_path):

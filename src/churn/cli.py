@@ -265,6 +265,7 @@ def score(
             drift=settings.drift,
             actions=settings.actions,
             campaign=settings.campaign,
+            memory=settings.backend.duckdb,
         )
     log.info(
         "score: %d customers as of %s, by tier %s; drift %s; selected %d for %.2f, "

@@ -13,7 +13,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -31,6 +30,7 @@ from churn.config import (
     ActionSettings,
     CampaignSettings,
     DriftSettings,
+    DuckDBSettings,
     Engine,
     FeatureSettings,
     ScoreSettings,
@@ -345,9 +345,14 @@ def _finished_rows(
     return for_marketers(out, settings.n_reasons)
 
 
-def _write_in_rank_order(folder: Path, target: Path, chunk_rows: int) -> None:
-    """The spilled rows, in rank order, as the CSV (``utf-8-sig``), ``chunk_rows`` at a time."""
-    con = duckdb.connect()
+def _write_in_rank_order(
+    folder: Path, target: Path, chunk_rows: int, memory: DuckDBSettings
+) -> None:
+    """The spilled rows, in rank order, as the CSV (``utf-8-sig``), ``chunk_rows`` at a time.
+
+    The sort runs on embedded DuckDB whatever the engine, within ``memory.memory_limit``;
+    above it, it spills beside the rows."""
+    con = connect(Engine(duckdb=memory)).con
     con.execute(f"SET temp_directory = '{folder / 'sort'}'")
     query = f"SELECT * EXCLUDE (_rank) FROM read_parquet('{folder}/*.parquet') ORDER BY _rank"
     result = con.execute(query)
@@ -371,10 +376,12 @@ def run(
     drift: DriftSettings,
     actions: ActionSettings,
     campaign: CampaignSettings,
+    memory: DuckDBSettings | None = None,
 ) -> ScoreSummary:
     """Check the model's contract and drift, then write the retention list, drift and
     campaign reports of a snapshot Parquet file, read in batches of ``settings.chunk_rows``:
-    memory grows with a few numbers per customer, not with the snapshot.
+    memory grows with a few numbers per customer, not with the snapshot. The rows are put
+    in rank order within ``memory`` (DuckDB's limit; its default when None).
 
     ``spec`` describes how the snapshot was built (``feature_hash``, ``horizon_days``).
 
@@ -386,6 +393,7 @@ def run(
         When a population moved beyond ``drift.fail_psi`` and ``job.allow_drift`` is off;
         the drift report is written, the retention list is not.
     """
+    memory = memory or DuckDBSettings()
     file = pq.ParquetFile(snapshot)
     if file.metadata.num_rows == 0:
         raise InputError("no customer is active at the as-of date: nothing to score")
@@ -418,7 +426,7 @@ def run(
             model_version=job.model_version,
             as_of=as_of,
         )
-        _write_in_rank_order(Path(tmp), job.out, settings.chunk_rows)
+        _write_in_rank_order(Path(tmp), job.out, settings.chunk_rows, memory)
     if job.xlsx:
         write_xlsx(
             pd.read_csv(job.out, encoding="utf-8-sig", dtype=str, keep_default_na=False),
