@@ -54,6 +54,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         ({"engine": "polars"}, r"engine must be one of \('duckdb', 'spark'\), got 'polars'"),
         ({"spark": {"master": " "}}, r"spark.master must name a master URL"),
         ({"spark": {"config": {"executor.memory": "8g"}}}, r"must start with 'spark.'"),
+        ({"duckdb": {"memory_limit": "80%"}}, r"duckdb.memory_limit must be a size .*'80%'"),
     ],
     ids=[
         "zero-horizon",
@@ -69,6 +70,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         "engine",
         "spark-master",
         "spark-config",
+        "duckdb-memory",
     ],
 )
 def test_bad_params_are_named(make_settings, overrides, message):

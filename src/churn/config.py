@@ -15,6 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import yaml
 
 from churn import ChurnError
@@ -397,6 +398,13 @@ def _validate(s: Settings) -> None:
     bad = sorted(k for k in s.spark.config if not k.startswith("spark."))
     if bad:
         raise ParamsError(f"params: spark.config keys must start with 'spark.', got {bad}")
+    try:  # DuckDB's own parser, so every size it takes is taken
+        duckdb.connect(config={"memory_limit": s.duckdb.memory_limit}).close()
+    except duckdb.Error:
+        raise ParamsError(
+            f"params: duckdb.memory_limit must be a size such as '4GB' or '512MB', got "
+            f"{s.duckdb.memory_limit!r}"
+        ) from None
     f = s.features
     _positive(
         "features",
