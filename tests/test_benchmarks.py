@@ -60,3 +60,16 @@ def test_size_figures_and_targets():
     assert checks["10m_speedup_vs_pandas"]["pass"]
     assert checks["10000000_score_customers_per_s"]["pass"]
     assert not checks["1000000_score_customers_per_s"]["pass"]
+
+
+def test_a_size_without_references_has_the_pipeline_figures_only():
+    med = _medians(700.0, 0.0, 1_000_000)
+    for name in ("features_rowlevel", "pandas_ref", "pandas_ref_rowlevel", "lifetimes_ref"):
+        del med[name]
+    figures = size_figures(med, {"rows": 100_000_000, "customers": 1})
+    assert figures["pipeline_s"] == pytest.approx(2 + 701 + 2 + 2)
+    assert figures["score_customers_per_s"] == pytest.approx(1_000_000)
+    assert "speedup_vs_pandas" not in figures
+    checks = targets({"100000000": figures})
+    assert not checks["100m_pipeline_s"]["pass"]
+    assert checks["100m_pipeline_peak_rss_mb"]["pass"]
