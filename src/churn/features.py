@@ -141,19 +141,27 @@ class History:
     first_event_day: int | None = None  # the day number of the first engagement event
 
 
-def _order_summary(bought: ir.Table) -> dict[str, ir.Value]:
-    """An order's first day, value, distinct products and (when lines have it) ``online``."""
-    # Distinct products as the length of the order's distinct product list: on DuckDB a
-    # fraction of the time and memory of COUNT(DISTINCT) over millions of orders.
-    products = bought.product_id.collect().unique().length().fill_null(0)
-    summary = {
-        "day": bought.day.min().cast("int32"),
-        "value": bought.amount.sum(),
-        "products": products.cast("int32"),
-    }
-    if "online" in bought.columns:
-        summary["online"] = bought.online.any()
-    return summary
+def _order_totals(bought: ir.Table) -> ir.Table:
+    """One row per order of the ``bought`` lines: customer, order, first day, value,
+    distinct products (the basket size), ``online`` when lines have it, and last day.
+
+    Two plain group-bys, by order and product and then by order, rather than a distinct
+    count or a product list per order: engines spill both to disk, so tens of millions of
+    orders stay within DuckDB's memory limit."""
+    keys = ["customer_id", "order_id"]
+    online = {"online": bought.online.any()} if "online" in bought.columns else {}
+    per_product = bought.group_by(*keys, "product_id").agg(
+        first_day=bought.day.min(), final_day=bought.day.max(), value=bought.amount.sum(), **online
+    )
+    p = per_product
+    online = {"online": p.online.any()} if "online" in p.columns else {}
+    return p.group_by(*keys).agg(
+        day=p.first_day.min().cast("int32"),
+        value=p.value.sum(),
+        products=p.product_id.count().cast("int32"),  # a line without a product: none
+        **online,
+        last_day=p.final_day.max().cast("int32"),
+    )
 
 
 def history(
@@ -167,11 +175,8 @@ def history(
     if settings.online_channels:
         wanted = [c.strip().lower() for c in settings.online_channels]
         bought = bought.mutate(online=bought.channel.strip().lower().isin(wanted).fill_null(False))
-    orders = bought.group_by("customer_id", "order_id").agg(
-        **_order_summary(bought), last_day=bought.day.max().cast("int32")
-    )
     named = ibis.util.gen_name("orders")
-    with_ids = materialise(con, named, orders)
+    with_ids = materialise(con, named, _order_totals(bought))
     spanning = with_ids.filter(with_ids.day < with_ids.last_day)
     open_lines = bought.inner_join(
         spanning.select("customer_id", "order_id", "last_day"), ["customer_id", "order_id"]
@@ -227,8 +232,8 @@ def purchase_orders(history: History, cutoff: date) -> ir.Table:
     whole = orders.filter(orders.last_day < c).drop("last_day")
     lines = history.open_lines
     lines = lines.filter(lines.day < c, lines.last_day >= c)
-    part = lines.group_by("customer_id", "order_id").agg(**_order_summary(lines))
-    both = ibis.union(whole, part.drop("order_id"))
+    part = _order_totals(lines.drop("last_day")).drop("order_id", "last_day")
+    both = ibis.union(whole, part)
     return both.filter(both.value > 0)
 
 
@@ -688,7 +693,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
         for f in (
             with_day,
             History,
-            _order_summary,
+            _order_totals,
             history,
             purchase_orders,
             order_features,
