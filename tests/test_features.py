@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from churn.config import RFM_SEGMENTS, FeatureSettings
+from churn.config import RFM_SEGMENTS, DuckDBSettings, Engine, FeatureSettings
 from churn.features import (
     BTYD_COLUMNS,
     YEAR_FEATURES,
@@ -25,6 +25,7 @@ from churn.features import (
     snapshot_frame,
     with_day,
 )
+from churn.io import connect
 from tests.conftest import tx
 
 CUTOFF = date(2021, 4, 1)
@@ -465,3 +466,29 @@ def test_season_prior_counts_the_customers_of_one_horizon_before():
     # Y churned; but those 30 days start before the first day, 2020-01-01: no prior.
     assert season_prior(past, date(2021, 1, 20), SETTINGS) is None
     assert season_prior(past, date(2021, 1, 30), SETTINGS) == 0.5  # from 2020-01-01 on
+
+
+def test_the_orders_of_a_large_history_spill_within_duckdb_memory_limit():
+    # 300,000 orders of three lines, each a different product, in a DuckDB session of
+    # 64 MB: a product list per order does not fit there; grouped rows spill to disk.
+    con = connect(Engine(duckdb=DuckDBSettings("64MB")))
+    lines = con.sql(
+        """SELECT 'C' || (i // 3 % 5000) AS customer_id, 'O' || (i // 3) AS order_id,
+        TIMESTAMP '2024-01-01' + TO_DAYS(CAST(i // 3 % 700 AS INTEGER)) AS ts,
+        1.5 AS amount, 1.0 AS quantity, 'P' || (i % 3) AS product_id,
+        NULL::VARCHAR AS channel, FALSE AS is_return
+        FROM range(900000) t(i)"""
+    )
+    orders = history(with_day(lines), FeatureSettings()).orders
+    summary = (
+        orders.agg(
+            n=orders.count(),
+            products=orders.products.min(),
+            most=orders.products.max(),
+            value=orders.value.sum(),
+        )
+        .execute()
+        .iloc[0]
+    )
+    assert (summary.n, summary.products, summary.most) == (300_000, 3, 3)
+    assert summary.value == pytest.approx(1_350_000.0)
