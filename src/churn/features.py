@@ -150,10 +150,9 @@ def _order_totals(bought: ir.Table) -> ir.Table:
     orders stay within DuckDB's memory limit."""
     keys = ["customer_id", "order_id"]
     online = {"online": bought.online.any()} if "online" in bought.columns else {}
-    per_product = bought.group_by(*keys, "product_id").agg(
+    p = bought.group_by(*keys, "product_id").agg(  # one row per order and product
         first_day=bought.day.min(), final_day=bought.day.max(), value=bought.amount.sum(), **online
     )
-    p = per_product
     online = {"online": p.online.any()} if "online" in p.columns else {}
     return p.group_by(*keys).agg(
         day=p.first_day.min().cast("int32"),
