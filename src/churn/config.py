@@ -398,13 +398,7 @@ def _validate(s: Settings) -> None:
     bad = sorted(k for k in s.spark.config if not k.startswith("spark."))
     if bad:
         raise ParamsError(f"params: spark.config keys must start with 'spark.', got {bad}")
-    try:  # DuckDB's own parser, so every size it takes is taken
-        duckdb.connect(config={"memory_limit": s.duckdb.memory_limit}).close()
-    except duckdb.Error:
-        raise ParamsError(
-            f"params: duckdb.memory_limit must be a size such as '4GB' or '512MB', got "
-            f"{s.duckdb.memory_limit!r}"
-        ) from None
+    check_memory_limit(s.duckdb.memory_limit)
     f = s.features
     _positive(
         "features",
@@ -475,6 +469,16 @@ def _validate(s: Settings) -> None:
         raise ParamsError(
             f"params: score.risk_tiers must map tier names to thresholds in (0, 1), got {tiers}"
         )
+
+
+def check_memory_limit(limit: str) -> None:
+    """Raise :class:`ParamsError` unless DuckDB's own parser reads ``limit`` as a size."""
+    try:
+        duckdb.connect(config={"memory_limit": limit}).close()
+    except duckdb.Error:
+        raise ParamsError(
+            f"params: duckdb.memory_limit: {limit!r} is not a size; use e.g. '4GB' or '512MB'"
+        ) from None
 
 
 def _validate_currency(src: TransactionSource) -> None:
