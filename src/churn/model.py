@@ -3,7 +3,8 @@
 Train writes it, evaluate and score load it: from ``models/`` inside the pipeline, or from the
 registry (``models:/churn@champion``) in batch jobs. ``predict`` returns calibrated churn
 probabilities; :meth:`ChurnModel.contributions` gives per-feature log-odds contributions
-(TreeSHAP, or the cheaper path attribution of :func:`path_table`).
+(LightGBM's TreeSHAP once per split pattern, :func:`treeshap`; or the path attribution of
+:func:`path_table`).
 Large batches run through the booster compiled to machine code (:func:`compile_booster`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -203,6 +205,128 @@ def path_contributions(
     return (hits @ table).toarray()
 
 
+ZERO_BAND = float(np.float32(1e-35))  # LightGBM's kZeroThreshold: a float literal widened
+DENSE_PATTERNS = 1 << 20  # codes below this index a table; above it they are sorted
+
+
+def _goes_left(value: float, split: dict[str, Any]) -> bool:
+    """Whether ``value`` goes left at a dumped numerical split, as LightGBM decides: it
+    reads values within its zero band as 0, and NaN as 0 unless the split has a NaN branch."""
+    missing = split["missing_type"]
+    if -ZERO_BAND <= value <= ZERO_BAND or (math.isnan(value) and missing != "NaN"):
+        value = 0.0
+    if (missing == "Zero" and value == 0.0) or (missing == "NaN" and math.isnan(value)):
+        return bool(split["default_left"])
+    return value <= split["threshold"]
+
+
+def _splits(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """A dumped (sub)tree's split nodes."""
+    if "split_feature" not in node:
+        return []
+    return [node, *_splits(node["left_child"]), *_splits(node["right_child"])]
+
+
+@dataclass(frozen=True)
+class SplitPatterns:
+    """Which way a row goes at every split of each tree, as lookups by feature cell.
+
+    ``edges[j]`` are feature j's cell bounds: every threshold a tree compares it with, and
+    LightGBM's zero band. A value's cell is the number of edges below it (NaN's is
+    ``len(edges[j]) + 1``), so all values of a cell go the same way at every split.
+    ``trees[t]`` pairs each feature tree t splits on with ``bits``: ``bits[cell]`` has bit
+    k set when the cell goes left at the tree's k-th split. None marks a tree whose rows are
+    not grouped (a categorical split, or more than 63 splits).
+    """
+
+    edges: list[np.ndarray]
+    trees: list[list[tuple[int, np.ndarray]] | None]
+
+
+def split_patterns(trees: list[dict[str, Any]], n_features: int) -> SplitPatterns:
+    """The :class:`SplitPatterns` of a dumped LightGBM model (``dump_model()["tree_info"]``)."""
+    splits = [_splits(tree["tree_structure"]) for tree in trees]
+    bounds = [{float(np.nextafter(-ZERO_BAND, -np.inf)), ZERO_BAND} for _ in range(n_features)]
+    for split in (s for tree in splits for s in tree if s["decision_type"] == "<="):
+        bounds[split["split_feature"]].add(float(split["threshold"]))
+    edges = [np.array(sorted(b)) for b in bounds]
+    # a cell's upper edge stands for all its values; then above every edge, and NaN
+    cell_values = [[*e.tolist(), math.inf, math.nan] for e in edges]
+    coded: list[list[tuple[int, np.ndarray]] | None] = []
+    for tree in splits:
+        if len(tree) > 63 or any(s["decision_type"] != "<=" for s in tree):
+            coded.append(None)
+            continue
+        bits: dict[int, np.ndarray] = {}
+        for k, split in enumerate(tree):
+            j = split["split_feature"]
+            left = np.array([_goes_left(v, split) for v in cell_values[j]], dtype=np.int64)
+            bits[j] = bits.get(j, np.zeros_like(left)) | (left << k)
+        coded.append(list(bits.items()))
+    return SplitPatterns(edges, coded)
+
+
+def feature_cells(matrix: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    """Each value's cell (see :class:`SplitPatterns`), one row per feature."""
+    cells = np.empty((len(edges), len(matrix)), dtype=np.intp)
+    for j, bounds in enumerate(edges):
+        column = matrix[:, j]
+        cells[j] = np.searchsorted(bounds, column)
+        cells[j][np.isnan(column)] = len(bounds) + 1
+    return cells
+
+
+def pattern_codes(tree: list[tuple[int, np.ndarray]], cells: np.ndarray) -> np.ndarray:
+    """Each row's split pattern in one tree, as an integer: bit k set when it goes left at
+    the k-th split."""
+    codes = np.zeros(cells.shape[1], dtype=np.int64)
+    for feature, bits in tree:
+        codes |= bits.take(cells[feature])
+    return codes
+
+
+def _pattern_groups(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A row standing for each distinct code, and each row's group (its code's position)."""
+    size = int(codes.max()) + 1
+    if size > DENSE_PATTERNS:
+        _, stand_ins, group = np.unique(codes, return_index=True, return_inverse=True)
+        return stand_ins, group
+    last = np.full(size, -1, dtype=np.intp)
+    last[codes] = np.arange(len(codes))
+    present = np.flatnonzero(last >= 0)
+    position = np.zeros(size, dtype=np.intp)
+    position[present] = np.arange(len(present))
+    return last[present], position.take(codes)
+
+
+def treeshap(booster: lgb.Booster, patterns: SplitPatterns, matrix: np.ndarray) -> np.ndarray:
+    """LightGBM's TreeSHAP contributions (rows x features, without the expected value) of
+    the trees in ``patterns``, computed once per split pattern instead of once per row.
+
+    A tree's TreeSHAP values depend on a row only through the way it goes at each of the
+    tree's splits: the row's branch is followed, the other weighed by its training count.
+    At 15 leaves a tree sees a few hundred patterns in 100,000 customers.
+    """
+    n, n_features = matrix.shape
+    total = np.zeros((n_features, n))
+    if n == 0:
+        return total.T
+    cells = feature_cells(matrix, patterns.edges)
+    everyone = np.arange(n)
+    for t, tree in enumerate(patterns.trees):
+        if tree is None:
+            stand_ins, group, features = everyone, everyone, range(n_features)
+        else:
+            stand_ins, group = _pattern_groups(pattern_codes(tree, cells))
+            features = [feature for feature, _ in tree]
+        phi = booster.predict(
+            matrix[stand_ins], pred_contrib=True, start_iteration=t, num_iteration=1
+        )
+        for feature in features:
+            total[feature] += phi[:, feature].take(group)
+    return total.T
+
+
 def _usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask where the system has one (Linux),
     else every CPU (macOS, Windows)."""
@@ -226,6 +350,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         self.booster_file: Path | None = None
         self._compiled: lleaves.Model | None = None
         self._path_table: tuple[sparse.csr_matrix, np.ndarray] | None = None
+        self._patterns: SplitPatterns | None = None
 
     def load_context(self, context: Any) -> None:
         self.booster_file = Path(context.artifacts["booster"])
@@ -233,6 +358,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         self.card = ModelCard(**json.loads(Path(context.artifacts["card"]).read_text()))
         self._compiled = None
         self._path_table = None
+        self._patterns = None
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
         return self.predict_proba(model_input)
@@ -266,15 +392,14 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         return self._compiled.predict(matrix, n_jobs=_usable_cpus())
 
     def contributions(self, frame: pd.DataFrame, method: str = "treeshap") -> pd.DataFrame:
-        """Per-feature contributions to the raw log-odds, one column per feature: TreeSHAP,
-        or ``path`` attribution (:func:`path_table`; same sums, a fraction of the cost)."""
+        """Per-feature contributions to the raw log-odds, one column per feature: TreeSHAP
+        (:func:`treeshap`), or ``path`` attribution (:func:`path_table`; the same sums)."""
         if method not in ATTRIBUTIONS:
             raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {method!r}")
         matrix, iterations = self.matrix(frame), self._card.best_iteration
         if method == "path":
             if self._path_table is None:
-                trees = self._booster.dump_model(num_iteration=iterations)["tree_info"]
-                self._path_table = path_table(trees, len(self._card.features))
+                self._path_table = path_table(self._trees(), len(self._card.features))
             contrib = np.vstack(  # blocks keep the rows x trees leaf indices small
                 [
                     path_contributions(
@@ -285,9 +410,14 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
                 ]
             )
         else:
-            contrib = self._booster.predict(matrix, pred_contrib=True, num_iteration=iterations)
-            contrib = contrib[:, :-1]
+            if self._patterns is None:
+                self._patterns = split_patterns(self._trees(), len(self._card.features))
+            contrib = treeshap(self._booster, self._patterns, matrix)
         return pd.DataFrame(contrib, columns=self._card.features, index=frame.index)
+
+    def _trees(self) -> list[dict[str, Any]]:
+        """The booster's trees up to the best iteration, as LightGBM dumps them."""
+        return self._booster.dump_model(num_iteration=self._card.best_iteration)["tree_info"]
 
     @property
     def feature_names(self) -> list[str]:
