@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from churn.metrics import (
     calibration_table,
@@ -11,6 +12,8 @@ from churn.metrics import (
     gains_points,
     lift_at,
     roc_points,
+    score_ranks,
+    weighted_auc,
 )
 
 
@@ -32,6 +35,17 @@ def sample():
 def test_roc_auc_matches_pairwise_count(sample):
     y, s = sample
     assert classification_report(y, s)["roc_auc"] == pytest.approx(_slow_auc(y, s))
+
+
+def test_weighted_auc_is_the_auc_of_the_repeated_rows(sample):
+    y, s = sample
+    ranks = score_ranks(s)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        rows = rng.integers(0, len(y), len(y))  # a bootstrap resample, ties included
+        counts = np.bincount(rows, minlength=len(y))
+        assert weighted_auc(y, ranks, counts) == pytest.approx(roc_auc_score(y[rows], s[rows]))
+    assert weighted_auc(y, ranks, np.ones(len(y))) == pytest.approx(_slow_auc(y, s))
 
 
 def test_lift_and_capture_by_hand():

@@ -35,6 +35,7 @@ from churn.config import MlflowSettings, Paths, TrainSettings
 from churn.drift import profile
 from churn.features import ID_COLUMNS, LABEL
 from churn.io import write_json
+from churn.metrics import score_ranks, weighted_auc
 from churn.model import ChurnModel, ModelCard, blend, calibrate, write_artifacts
 from churn.progress import progress
 
@@ -249,14 +250,12 @@ def choose_blend(booster_p: np.ndarray, valid: pd.DataFrame, *, seed: int) -> Bl
     names = [f"{c}@{w}" if c else "booster" for c, w, _ in candidates]
     best = int(np.argmax(aucs))
     rng = np.random.default_rng(seed)
+    best_ranks, btyd_ranks = score_ranks(candidates[best][2]), score_ranks(candidates[0][2])
     gaps = []
     for _ in range(200):
-        rows = rng.integers(0, len(y), len(y))
-        if 0 < y[rows].mean() < 1:
-            gaps.append(
-                roc_auc_score(y[rows], candidates[best][2][rows])
-                - roc_auc_score(y[rows], candidates[0][2][rows])
-            )
+        counts = np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y))
+        if 0 < counts @ y < len(y):
+            gaps.append(weighted_auc(y, best_ranks, counts) - weighted_auc(y, btyd_ranks, counts))
     standard_error = float(np.std(gaps)) if gaps else 0.0
     chosen = next(i for i, auc in enumerate(aucs) if auc >= aucs[best] - standard_error)
     column, weight, _ = candidates[chosen]
