@@ -135,6 +135,15 @@ def test_treeshap_by_split_pattern_is_lightgbms(tmp_path, leaves, params, groupe
     np.testing.assert_allclose(treeshap(booster, patterns, x), expected, rtol=0, atol=1e-9)
 
 
+def test_treeshap_of_few_rows_is_lightgbms_and_of_none_is_empty(tmp_path):
+    booster = lgb.Booster(model_file=str(_booster_file(tmp_path, 4)))
+    patterns = split_patterns(booster.dump_model(num_iteration=20)["tree_info"], 4)
+    x = np.random.default_rng(1).normal(size=(5, 4))
+    expected = booster.predict(x, pred_contrib=True, num_iteration=20)[:, :-1]
+    np.testing.assert_allclose(treeshap(booster, patterns, x), expected, rtol=0, atol=1e-12)
+    assert treeshap(booster, patterns, x[:0]).shape == (0, 4)
+
+
 def test_treeshap_of_a_model_with_categorical_splits_is_lightgbms():
     rng = np.random.default_rng(2)
     x = np.column_stack([rng.normal(size=2_000), rng.integers(0, 6, 2_000).astype(float)])
