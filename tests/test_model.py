@@ -12,6 +12,7 @@ import pytest
 from churn import model as model_module
 from churn.model import (
     DENSE_PATTERNS,
+    PATTERN_MIN_ROWS,
     ZERO_BAND,
     compile_booster,
     feature_cells,
@@ -212,6 +213,7 @@ def test_model_path_attribution_in_blocks_adds_up_like_treeshap(pipeline, monkey
 def test_model_treeshap_is_lightgbms_on_the_pipeline_model(pipeline):
     model = load_model(str(pipeline.settings.paths.model))
     snapshot = pd.read_parquet(pipeline.settings.paths.features / "test.parquet")
+    assert len(snapshot) >= PATTERN_MIN_ROWS  # grouped by pattern, not one LightGBM call
     expected = model.booster.predict(
         model.matrix(snapshot), pred_contrib=True, num_iteration=model.card.best_iteration
     )[:, :-1]
