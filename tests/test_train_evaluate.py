@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from churn import evaluate, features, train
+from churn import ChurnError, evaluate, features, train
 from churn.config import GateSettings, TrainSettings
 from churn.evaluate import gate_decision
 from churn.features import LABEL
@@ -223,6 +223,34 @@ def _stacked(sizes: dict[tuple[str, int], int]) -> pd.DataFrame:
         for (cutoff, label), n in sizes.items()
     ]
     return pd.concat(parts, ignore_index=True)
+
+
+def test_snapshots_of_one_class_are_refused_by_name():
+    both = {("2024-01-01", 0): 3, ("2024-01-01", 1): 2, ("2024-02-01", 0): 1}
+    fit, valid = train.split_by_cutoff(_stacked({**both, ("2024-02-01", 1): 4}))
+    assert (len(fit), len(valid)) == (5, 5)
+    with pytest.raises(
+        ChurnError,
+        match=r"train.parquet: the validation snapshot\(s\) at 2024-02-01 hold 4 customers, "
+        "all churned; a model needs both",
+    ):
+        train.split_by_cutoff(
+            _stacked({("2024-01-01", 0): 3, ("2024-01-01", 1): 2, ("2024-02-01", 1): 4})
+        )
+    with pytest.raises(
+        ChurnError,
+        match=r"the fitting snapshot\(s\) at 2024-01-01, 2024-01-15 hold 4 customers, all retained",
+    ):
+        train.split_by_cutoff(
+            _stacked(
+                {
+                    ("2024-01-01", 0): 3,
+                    ("2024-01-15", 0): 1,
+                    **{k: v for k, v in both.items() if k[0] == "2024-02-01"},
+                    ("2024-02-01", 1): 4,
+                }
+            )
+        )
 
 
 def test_stratified_sample_keeps_cutoff_and_label_shares():

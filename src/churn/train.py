@@ -75,7 +75,14 @@ def feature_columns(snapshot: pd.DataFrame) -> list[str]:
 
 
 def split_by_cutoff(snapshots: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split stacked snapshots into (older ones, newest one) for out-of-time validation."""
+    """Split stacked snapshots into (older ones, newest one) for out-of-time validation.
+
+    Raises
+    ------
+    ChurnError
+        With fewer than two cutoffs, or when either part holds only churned or only
+        retained customers: a model can neither learn nor be validated on one class.
+    """
     cutoffs = sorted(snapshots["cutoff"].unique())
     if len(cutoffs) < 2:
         raise ChurnError(
@@ -83,7 +90,19 @@ def split_by_cutoff(snapshots: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
             "the newest one is held out for early stopping and calibration"
         )
     newest = snapshots["cutoff"] == cutoffs[-1]
-    return snapshots[~newest], snapshots[newest]
+    fit, valid = snapshots[~newest], snapshots[newest]
+    for part, name in ((fit, "fitting"), (valid, "validation")):
+        churned = int(part[LABEL].sum())
+        if churned in (0, len(part)):
+            dates = ", ".join(str(c) for c in sorted(part["cutoff"].unique()))
+            kind = "churned" if churned else "retained"
+            raise ChurnError(
+                f"train.parquet: the {name} snapshot(s) at {dates} hold {len(part)} customers, "
+                f"all {kind}; a model needs both churned and retained customers. Use data "
+                "with more customers or a longer history, or change features.horizon_days, "
+                "n_snapshots or snapshot_step_days"
+            )
+    return fit, valid
 
 
 def stratified_sample(snapshots: pd.DataFrame, max_rows: int, *, seed: int) -> pd.DataFrame:
