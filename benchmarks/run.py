@@ -127,12 +127,31 @@ def bench_size(
     params.write_text(yaml.safe_dump(chosen, sort_keys=False))
     references = REFERENCES if rows <= REFERENCE_MAX_ROWS else ("inference",)
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in (*PIPELINE, *references)}
-    for _ in range(repeats):
-        for step in runs:
-            runs[step].append(run_step(step, params, log))
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-    out = {**size_figures(med, generated), "repeats": repeats}
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        for _ in range(repeats):
+            for step in runs:
+                runs[step].append(run_step(step, params, log))
+    except RuntimeError as exc:
+        # The steps that finished keep their figures: at 100M they took most of an hour.
+        med = _medians({s: rs for s, rs in runs.items() if rs})
+        return {**stage_figures(med, generated["rows"]), "failed": str(exc), "repeats": repeats}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**size_figures(_medians(runs), generated), "repeats": repeats}
+
+
+def _medians(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+
+
+def stage_figures(med: dict[str, dict[str, float]], rows: int) -> dict[str, Any]:
+    """Seconds, wall seconds and peak RSS of each pipeline stage that ``med`` has."""
+    out: dict[str, Any] = {"rows": rows}
+    for step in PIPELINE:
+        if step in med:
+            out[f"{step}_s"] = med[step]["seconds"]
+            out[f"{step}_wall_s"] = med[step]["wall_s"]
+            out[f"{step}_peak_rss_mb"] = med[step]["peak_rss_mb"]
     return out
 
 
@@ -140,11 +159,7 @@ def size_figures(med: dict[str, dict[str, float]], generated: dict[str, int]) ->
     """The figures of one size from the median measures of each step; the reference
     figures only where the references ran."""
     rows = generated["rows"]
-    out: dict[str, Any] = {"rows": rows, "synthetic_customers": generated["customers"]}
-    for step in PIPELINE:
-        out[f"{step}_s"] = med[step]["seconds"]
-        out[f"{step}_wall_s"] = med[step]["wall_s"]
-        out[f"{step}_peak_rss_mb"] = med[step]["peak_rss_mb"]
+    out = {**stage_figures(med, rows), "synthetic_customers": generated["customers"]}
     out["features_rows_per_s"] = rows / med["features"]["seconds"]
     out["ingest_rows_per_s"] = rows / med["ingest"]["seconds"]
     out["pipeline_s"] = sum(med[s]["wall_s"] for s in PIPELINE)
@@ -171,8 +186,10 @@ def size_figures(med: dict[str, dict[str, float]], generated: dict[str, int]) ->
 
 
 def targets(sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each target of the scale issue, its measured figure and whether it is met."""
+    """Each target of the scale issue, its measured figure and whether it is met; a size
+    with a failed step has none."""
     out: dict[str, Any] = {}
+    sizes = {size: figures for size, figures in sizes.items() if "failed" not in figures}
     at = sizes.get(TARGET_SIZE)
     if at is not None:
         checks = (
@@ -253,18 +270,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = args.out.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
+    failed = None
     try:
         for rows in sizes:
             print(f"bench: {rows:,} rows ...", file=sys.stderr, flush=True)
-            report["sizes"][str(rows)] = bench_size(
+            figures = bench_size(
                 rows, args.repeats, scratch, log, btyd_fit_customers=args.btyd_fit_customers
             )
+            report["sizes"][str(rows)] = figures
             report["targets"] = targets(report["sizes"])
             args.out.write_text(json.dumps(report, indent=2) + "\n")
+            if "failed" in figures:  # larger sizes would fail the same way
+                failed = f"{rows:,} rows: {figures['failed']}"
+                break
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["notes"] = NOTES
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if failed:
+        sys.exit(f"bench: {failed}; the steps that finished are in {args.out}")
     print(f"bench: wrote {args.out}", file=sys.stderr)
     return report
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from benchmarks.references import lifetimes_summary
-from benchmarks.run import PIPELINE, size_figures, targets
+from benchmarks.run import PIPELINE, main, size_figures, targets
 
 
 def test_lifetimes_summary_counts_repeat_days_after_the_first():
@@ -73,3 +75,17 @@ def test_a_size_without_references_has_the_pipeline_figures_only():
     checks = targets({"100000000": figures})
     assert not checks["100m_pipeline_s"]["pass"]
     assert checks["100m_pipeline_peak_rss_mb"]["pass"]
+
+
+def test_a_failed_step_keeps_the_figures_of_the_steps_before_it(tmp_path):
+    # 60 synthetic lines: ingest and features run, but every validation customer churns,
+    # so training stops with an error naming the snapshot.
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match=r"60 rows: benchmark step train failed"):
+        main(["--sizes", "60", "--repeats", "1", "--out", str(out), "--scratch", str(tmp_path)])
+    figures = json.loads(out.read_text())["sizes"]["60"]
+    assert figures["failed"].startswith("benchmark step train failed (exit 1)")
+    assert set(figures) >= {"ingest_s", "ingest_peak_rss_mb", "features_s", "features_wall_s"}
+    assert not {"train_s", "score_s"} & set(figures)
+    assert "all churned; a model needs both" in out.with_suffix(".log").read_text()
+    assert targets({"60": figures, "10000000": figures}) == {}
