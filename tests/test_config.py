@@ -43,6 +43,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         ({"features": {"n_snapshots": "four"}}, r"'features.n_snapshots' must be int"),
         ({"features": {"test_cutoff": "next week"}}, r"must be a date YYYY-MM-DD"),
         ({"train": {"feature_fraction": 1.5}}, r"train.feature_fraction must be in \(0, 1\]"),
+        ({"train": {"num_threads": -1}}, r"train.num_threads must be >= 0, got -1"),
         ({"data": {"transactions": {"columns": {"ts": None}}}}, r"columns.ts must name"),
         (
             {"data": {"transactions": {"columns": {"amount": None, "unit_price": None}}}},
@@ -62,6 +63,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         "wrong-type",
         "bad-date",
         "fraction",
+        "threads",
         "no-ts",
         "no-amount",
         "format",

@@ -15,7 +15,7 @@ from churn import ChurnError, evaluate, features, train
 from churn.config import GateSettings, TrainSettings
 from churn.evaluate import gate_decision
 from churn.features import LABEL
-from churn.model import load_model
+from churn.model import load_model, usable_cpus
 from tests.conftest import snapshot_aucs
 
 
@@ -335,3 +335,18 @@ def test_the_sample_read_in_batches_is_the_stratified_sample_of_the_file(pipelin
     pd.testing.assert_frame_equal(sample, expected)
     whole, _ = train.read_sample(path, len(snapshots), seed=3)
     pd.testing.assert_frame_equal(whole, snapshots)
+
+
+def test_the_model_is_the_same_whatever_the_number_of_threads(pipeline):
+    snapshots = pd.read_parquet(pipeline.settings.paths.features / "train.parquet")
+    fit, valid = train.split_by_cutoff(snapshots)
+    columns = train.feature_columns(snapshots)
+    predictions = []
+    for threads in (1, 2, 3):
+        settings = TrainSettings(max_rounds=60, early_stopping_rounds=60, num_threads=threads)
+        assert train.lgb_params(settings, seed=0)["num_threads"] == threads
+        booster = train.fit_booster(fit, valid, columns, settings, seed=0)
+        predictions.append(booster.predict(valid[columns].astype("float64")))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    np.testing.assert_array_equal(predictions[0], predictions[2])
+    assert train.lgb_params(TrainSettings(), seed=0)["num_threads"] == usable_cpus()

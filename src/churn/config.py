@@ -142,6 +142,7 @@ class TrainSettings:
     n_trials: int = 5  # Optuna trials over the LightGBM parameters; 0 = use them as given
     max_rows: int = 2_000_000
     tune_rows: int = 200_000  # fitting and validation rows each trial uses at most
+    num_threads: int = 0  # LightGBM's threads; 0 = every CPU this process may use
 
 
 @dataclass(frozen=True)
@@ -432,8 +433,9 @@ def _validate(s: Settings) -> None:
         max_rows=t.max_rows,
         tune_rows=t.tune_rows,
     )
-    if t.n_trials < 0:
-        raise ParamsError(f"params: train.n_trials must be >= 0, got {t.n_trials}")
+    for name in ("n_trials", "num_threads"):
+        if getattr(t, name) < 0:
+            raise ParamsError(f"params: train.{name} must be >= 0, got {getattr(t, name)}")
     for name in ("feature_fraction", "bagging_fraction"):
         if not 0 < getattr(t, name) <= 1:
             raise ParamsError(f"params: train.{name} must be in (0, 1], got {getattr(t, name)}")

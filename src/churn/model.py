@@ -332,7 +332,7 @@ def treeshap(booster: lgb.Booster, patterns: SplitPatterns, matrix: np.ndarray) 
     return total.T
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask where the system has one (Linux),
     else every CPU (macOS, Windows)."""
     if hasattr(os, "sched_getaffinity"):
@@ -394,7 +394,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
             return self._booster.predict(matrix, num_iteration=self._card.best_iteration)
         if self._compiled is None:
             self._compiled = compile_booster(self.booster_file)
-        return self._compiled.predict(matrix, n_jobs=_usable_cpus())
+        return self._compiled.predict(matrix, n_jobs=usable_cpus())
 
     def contributions(self, frame: pd.DataFrame, method: str = "treeshap") -> pd.DataFrame:
         """Per-feature contributions to the raw log-odds, one column per feature: TreeSHAP

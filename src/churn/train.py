@@ -36,7 +36,7 @@ from churn.drift import profile
 from churn.features import ID_COLUMNS, LABEL
 from churn.io import write_json
 from churn.metrics import score_ranks, weighted_auc
-from churn.model import ChurnModel, ModelCard, blend, calibrate, write_artifacts
+from churn.model import ChurnModel, ModelCard, blend, calibrate, usable_cpus, write_artifacts
 from churn.progress import progress
 
 NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment", "season_prior")
@@ -151,14 +151,15 @@ def read_sample(path: Path, max_rows: int, *, seed: int) -> tuple[pd.DataFrame, 
 
 
 def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
-    """LightGBM booster parameters from the train settings."""
+    """LightGBM booster parameters from the train settings. The model does not depend on
+    the number of threads (``deterministic`` fixes the order of every sum)."""
     return {
         "objective": "binary",
         "metric": "auc",
         "verbosity": -1,
         "seed": seed,
         "deterministic": True,
-        "num_threads": 2,
+        "num_threads": settings.num_threads or usable_cpus(),
         "learning_rate": settings.learning_rate,
         "num_leaves": settings.num_leaves,
         "min_child_samples": settings.min_child_samples,
