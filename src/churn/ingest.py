@@ -291,12 +291,16 @@ def match_returns(lines: ir.Table) -> ir.Table:
     """Add ``matched_order_id`` to canonical lines: for a return, the order of the same
     customer's latest purchase of the same product at or before the return; null for
     purchases and for returns without such a purchase."""
+    # The returns are kept as a table (identical lines numbered apart): engines then know
+    # they are few and build the joins' hash tables on them, not on the purchases.
+    returns = lines.filter(lines.is_return).mutate(_line=ibis.row_number())
+    returns = materialise(lines.get_backend(), ibis.util.gen_name("returns"), returns)
     bought = lines.filter(~lines.is_return, lines.product_id.notnull())
+    # Only purchases of a product its buyer returned can match.
+    bought = bought.semi_join(returns, ["customer_id", "product_id"])
     bought = bought.select(
         "customer_id", "product_id", bought_ts=bought.ts, matched_order_id=bought.order_id
     )
-    returns = lines.filter(lines.is_return)
-    returns = returns.mutate(_line=ibis.row_number())  # identical return lines stay apart
     # Every earlier purchase of the product, then the latest one (ties: the greatest order
     # id). Spark has no as-of join, so this is a join and a max that every engine runs.
     pairs = returns.left_join(
