@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ibis
 import pandas as pd
 import pytest
 
@@ -76,6 +77,21 @@ def test_rejects_keep_source_text_and_reason(messy_settings):
     assert rejects.loc["1003", "source_ts"] == "not a date"
     assert rejects.loc["1003", "reason"] == "unparseable_ts"
     assert rejects.loc["1004", "source_quantity"] == "abc"
+
+
+def test_only_rejected_lines_keep_their_source_text():
+    parsed = ibis.memtable(
+        {
+            "source_ts": ["not a date", "2021-01-01"],
+            "source_quantity": ["1", "2"],
+            "quantity": [1.0, 2.0],
+            "reason": ["unparseable_ts", None],
+        }
+    )
+    kept = ingest.sources_of_rejects(parsed).to_pyarrow()
+    assert kept["source_ts"].to_pylist() == ["not a date", None]
+    assert kept["source_quantity"].to_pylist() == ["1", None]
+    assert kept["quantity"].to_pylist() == [1.0, 2.0]
 
 
 def test_ts_format_parses_non_iso_dates(tmp_path, make_settings):

@@ -330,6 +330,20 @@ def return_matches(lines: ir.Table) -> dict[str, int]:
     return {"lines": n, "matched": matched, "unmatched": n - matched}
 
 
+def sources_of_rejects(parsed: ir.Table) -> ir.Table:
+    """:func:`parse_lines` (or :func:`parse_events`) with the ``source_*`` columns emptied
+    (null) on kept lines: only rejected lines need their original text, and the table the
+    stage keeps is then little wider than the canonical one."""
+    rejected = parsed.reason.notnull()
+    return parsed.mutate(
+        **{
+            c: ibis.cases((rejected, parsed[c]), else_=ibis.null(parsed[c].type()))
+            for c in parsed.columns
+            if c.startswith("source_")
+        }
+    )
+
+
 def rejects(parsed: ir.Table, columns: tuple[str, ...] = CANONICAL_COLUMNS) -> ir.Table:
     """The rejected lines of :func:`parse_lines` (or :func:`parse_events`, with its
     ``columns``): their original values as text, and the reason."""
@@ -405,16 +419,13 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         con, source, names=CANONICAL_COLUMNS, section="data.transactions"
     )
     rates = source.conversion_rates()
-    parsed = materialise(
-        con,
-        "parsed_lines",
-        parse_lines(
-            unique,
-            ts_format=source.ts_format,
-            return_order_prefix=source.return_order_prefix,
-            currency_rates=rates,
-        ),
+    parsed = parse_lines(
+        unique,
+        ts_format=source.ts_format,
+        return_order_prefix=source.return_order_prefix,
+        currency_rates=rates,
     )
+    parsed = materialise(con, "parsed_lines", sources_of_rejects(parsed))
     reasons = (*REJECT_REASONS, *CURRENCY_REASONS) if rates else REJECT_REASONS
     summary = _summarise(parsed, per_file=per_file, reasons=reasons)
     _check_usable(
@@ -466,11 +477,8 @@ def _ingest_events(
 ) -> tuple[ir.Table, ir.Table, IngestSummary]:
     con = connect(engine, timezone=source.timezone)
     unique, per_file, files = _read_unique(con, source, names=EVENT_COLUMNS, section="data.events")
-    parsed = materialise(
-        con,
-        "parsed_events",
-        parse_events(unique, ts_format=source.ts_format, families=source.families),
-    )
+    parsed = parse_events(unique, ts_format=source.ts_format, families=source.families)
+    parsed = materialise(con, "parsed_events", sources_of_rejects(parsed))
     summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
     _check_usable(parsed, summary, files=files, ts_format=source.ts_format, section="data.events")
     kept = parsed.filter(parsed.reason.isnull()).select(
