@@ -151,8 +151,8 @@ def read_sample(path: Path, max_rows: int, *, seed: int) -> tuple[pd.DataFrame, 
 
 
 def lgb_params(settings: TrainSettings, seed: int) -> dict[str, Any]:
-    """LightGBM booster parameters from the train settings. The model does not depend on
-    the number of threads (``deterministic`` fixes the order of every sum)."""
+    """LightGBM booster parameters from the train settings. With ``deterministic`` the
+    model does not depend on the number of threads (a test checks it)."""
     return {
         "objective": "binary",
         "metric": "auc",
