@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -37,6 +38,17 @@ def test_duckdb_memory_limit_is_applied_and_a_bad_size_is_named():
     assert limit == "488.2 MiB"  # 512 * 10^6 bytes, printed in binary units
     with pytest.raises(ChurnError, match=r"duckdb\.memory_limit: 'lots'"):
         connect(Engine(duckdb=DuckDBSettings(memory_limit="lots")))
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux's /proc/meminfo")
+def test_auto_memory_limit_is_a_quarter_of_the_machines_memory():
+    con = connect(Engine(duckdb=DuckDBSettings(memory_limit="auto")))
+    number, unit = con.raw_sql("SELECT current_setting('memory_limit')").fetchone()[0].split()
+    with open("/proc/meminfo") as meminfo:  # "MemTotal:  24684712 kB", in KiB
+        total_kib = int(next(line for line in meminfo if line.startswith("MemTotal")).split()[1])
+    assert unit == "GiB"
+    quarter_gib = total_kib / 4 / 2**20
+    assert quarter_gib - 0.1 < float(number) <= quarter_gib  # printed cut to one decimal
 
 
 def test_parquet_parts_become_one_file_only_when_the_block_succeeds(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ RFM_SEGMENTS = (
     "Lost",
 )
 LOW = "low"  # the tier / value band of whatever no threshold reaches
+AUTO_MEMORY_SHARE = 4  # duckdb.memory_limit: auto is the machine's memory over this
 
 
 class ParamsError(ChurnError):
@@ -223,9 +225,10 @@ class SparkSettings:
 
 @dataclass(frozen=True)
 class DuckDBSettings:
-    """Embedded DuckDB's memory: above ``memory_limit`` it spills to the system temp folder."""
+    """Embedded DuckDB's memory: above ``memory_limit`` it spills to the system temp folder;
+    ``auto`` is a quarter of the machine's memory (see :func:`duckdb_memory_limit`)."""
 
-    memory_limit: str = "4GB"
+    memory_limit: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,7 @@ def _validate(s: Settings) -> None:
     bad = sorted(k for k in s.spark.config if not k.startswith("spark."))
     if bad:
         raise ParamsError(f"params: spark.config keys must start with 'spark.', got {bad}")
-    check_memory_limit(s.duckdb.memory_limit)
+    duckdb_memory_limit(s.duckdb.memory_limit)
     f = s.features
     _positive(
         "features",
@@ -473,14 +476,27 @@ def _validate(s: Settings) -> None:
         )
 
 
-def check_memory_limit(limit: str) -> None:
-    """Raise :class:`ParamsError` unless DuckDB's own parser reads ``limit`` as a size."""
+def duckdb_memory_limit(limit: str) -> str:
+    """The size DuckDB gets for ``duckdb.memory_limit``: ``limit`` itself, or for ``auto``
+    a quarter of the machine's memory (the rest holds the snapshots in pandas, LightGBM and
+    the system), 4GB where the system does not tell it.
+
+    Raises :class:`ParamsError` unless DuckDB's own parser reads the size.
+    """
+    if limit.strip().lower() == "auto":
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such value
+            return "4GB"
+        return f"{max(memory // AUTO_MEMORY_SHARE >> 20, 1024)}MiB"
     try:
         duckdb.connect(config={"memory_limit": limit}).close()
     except duckdb.Error:
         raise ParamsError(
-            f"params: duckdb.memory_limit: {limit!r} is not a size; use e.g. '4GB' or '512MB'"
+            f"params: duckdb.memory_limit: {limit!r} is not a size; use e.g. 'auto', '4GB' "
+            "or '512MB'"
         ) from None
+    return limit
 
 
 def _validate_currency(src: TransactionSource) -> None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from ibis.expr import types as ir
 
 from churn import ChurnError
-from churn.config import Engine, SparkSettings, check_memory_limit
+from churn.config import Engine, SparkSettings, duckdb_memory_limit
 
 SUFFIX_FORMATS = {
     ".csv": "csv",
@@ -60,8 +60,8 @@ def connect(engine: Engine | None = None, *, timezone: str = "UTC") -> ibis.Base
             f"data.transactions.timezone: unknown time zone {timezone!r}; use an "
             "IANA name such as 'UTC' or 'Europe/London'"
         ) from exc
-    check_memory_limit(engine.duckdb.memory_limit)
-    con.raw_sql(f"SET memory_limit = '{_quoted(engine.duckdb.memory_limit)}'")
+    limit = duckdb_memory_limit(engine.duckdb.memory_limit)
+    con.raw_sql(f"SET memory_limit = '{_quoted(limit)}'")
     # Spilled data goes to the system temp folder, not the working directory.
     spill = Path(tempfile.gettempdir()) / "churn-duckdb"
     con.raw_sql(f"SET temp_directory = '{_quoted(str(spill))}'")
