@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from churn.config import RFM_SEGMENTS, DuckDBSettings, Engine, FeatureSettings
+from churn.config import RFM_SEGMENTS, DuckDBSettings, Engine, FeatureSettings, ParamsError
 from churn.features import (
     BTYD_COLUMNS,
     YEAR_FEATURES,
@@ -368,6 +368,49 @@ def test_no_channel_column_no_channel_feature(tiny_tx, make_settings):
     assert without.features.online_channels == ()
     mapped = make_settings(data={"transactions": {"columns": {"channel": "Channel"}}})
     assert mapped.features.online_channels == ("online", "web", "app")
+
+
+COUNTRY_SETTINGS = FeatureSettings(horizon_days=30, windows_days=(30, 90), country=True)
+
+
+def _with_countries(frame: pd.DataFrame, by_order: dict[str, str | None]) -> pd.DataFrame:
+    out = frame.copy()
+    out["country"] = out["order_id"].map(by_order).astype("string")
+    return out
+
+
+def test_home_country_is_the_latest_orders_country_with_most_snapshot_customers(tiny_tx):
+    more = tx(
+        [
+            ("B", "O10", "2021-03-31 08:00", 5.0, "P2"),  # B's other order that day
+            ("E", "O11", "2021-02-01 12:00", 8.0, "P1"),
+            ("F", "O12", "2021-03-01 12:00", 8.0, "P1"),  # no country
+            ("A", "O13", "2021-03-30 12:00", 3.0, "P2"),  # an order spanning the cutoff
+            ("A", "O13", "2021-04-02 12:00", 3.0, "P3"),
+        ]
+    )
+    countries = {"O1": "UK", "O2": "UK", "O3": "UK", "C1": "Spain", "O4": "Germany"}
+    countries |= {"O5": "Belgium", "O6": "France", "O10": "Belgium", "O11": "UK"}
+    countries |= {"O13": "France"}
+    frame = _with_countries(pd.concat([tiny_tx, more], ignore_index=True), countries)
+    snap = _snapshot_with(frame, COUNTRY_SETTINGS).set_index("customer_id")
+    # A: France (O13, its latest order before the cutoff; the return C1 and the later O4
+    # do not count). B: France, the greatest of its last day's France and Belgium. E: UK.
+    # F has none: unknown, and not counted. France has 2 of the 3 with a country, UK 1.
+    home = snap["home_country"]
+    assert home[["A", "B", "E"]].to_dict() == {"A": 1.0, "B": 1.0, "E": 0.0}
+    assert np.isnan(home["F"])
+    assert "country" not in snap.columns
+
+
+def test_no_country_column_no_country_feature(tiny_tx, make_settings):
+    frame = _with_countries(tiny_tx, {"O1": "UK"})
+    assert "home_country" not in _snapshot_with(frame, SETTINGS).columns
+    unmapped = make_settings(data={"transactions": {"columns": {"country": None}}})
+    assert not unmapped.features.country
+    assert make_settings(data={"transactions": {"columns": {"country": "Land"}}}).features.country
+    with pytest.raises(ParamsError, match=r"unknown key.*'country'"):
+        make_settings(features={"country": True})  # follows the mapping, not a key
 
 
 def _snapshot_with(frame: pd.DataFrame, settings: FeatureSettings) -> pd.DataFrame:

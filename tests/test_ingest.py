@@ -11,14 +11,14 @@ from churn import ChurnError, ingest
 from churn.io import InputError
 from tests.conftest import SAMPLE
 
-MESSY = """Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode
-1001;13085.0;2021-01-01 10:00:00;2;3.0;P1
-1001;13085.0;2021-01-01 10:00:00;2;3.0;P1
-1002;;2021-01-02 10:00:00;1;5.0;P2
-1003;13086;not a date;1;5.0;P2
-1004;13086;2021-01-03 10:00:00;abc;5.0;P2
-C1005;13085;2021-01-04 10:00:00;-1;3.0;P1
-1006; 13087 ;2021-01-05 10:00:00;1;0.0;P3
+MESSY = """Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country
+1001;13085.0;2021-01-01 10:00:00;2;3.0;P1;United Kingdom
+1001;13085.0;2021-01-01 10:00:00;2;3.0;P1;United Kingdom
+1002;;2021-01-02 10:00:00;1;5.0;P2;France
+1003;13086;not a date;1;5.0;P2;France
+1004;13086;2021-01-03 10:00:00;abc;5.0;P2;France
+C1005;13085;2021-01-04 10:00:00;-1;3.0;P1;United Kingdom
+1006; 13087 ;2021-01-05 10:00:00;1;0.0;P3; EIRE\t
 """
 
 
@@ -32,6 +32,7 @@ def _line_totals(customer_id: str, ts: str, amount: str) -> dict[str, str | None
         "quantity": None,
         "unit_price": None,
         "product_id": None,
+        "country": None,
     }
 
 
@@ -68,6 +69,7 @@ def test_kept_lines_are_canonical(messy_settings):
     assert kept["order_id"].tolist() == ["1001", "1006", "C1005"]
     assert kept["amount"].tolist() == [6.0, 0.0, -3.0]
     assert kept["is_return"].tolist() == [False, False, True]
+    assert kept["country"].tolist() == ["United Kingdom", "EIRE", "United Kingdom"]
     assert str(kept["ts"].iloc[0]) == "2021-01-01 10:00:00"
 
 
@@ -135,7 +137,7 @@ def test_missing_file_is_named(tmp_path, make_settings):
 def test_all_rows_rejected_stops(tmp_path, make_settings):
     export = tmp_path / "export.csv"
     export.write_text(
-        "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode\n1;;2021-01-01;1;1;P\n"
+        "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country\n1;;2021-01-01;1;1;P;UK\n"
     )
     settings = make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
     with pytest.raises(InputError, match="all 1 rows rejected"):
@@ -167,6 +169,7 @@ def test_excel_export_is_read(tmp_path, make_settings):
             "Quantity": [2, 1],
             "Price": [1.5, 4.0],
             "StockCode": ["A", "B"],
+            "Country": ["Germany", "France"],
         }
     ).to_excel(export, index=False)
     settings = make_settings(data={"transactions": {"path": str(export)}})
@@ -185,10 +188,10 @@ def test_unreadable_file_is_named(tmp_path, make_settings):
 
 
 def test_glob_reads_every_matching_file_and_drops_the_overlap(tmp_path, make_settings):
-    header = "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode\n"
-    shared = "2;8;2021-01-31 10:00:00;1;2.0;B\n"  # in both monthly exports
-    (tmp_path / "jan.csv").write_text(header + "1;7;2021-01-02 10:00:00;1;1.0;A\n" + shared)
-    (tmp_path / "feb.csv").write_text(header + shared + "3;7;2021-02-02 10:00:00;1;3.0;C\n")
+    header = "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country\n"
+    shared = "2;8;2021-01-31 10:00:00;1;2.0;B;UK\n"  # in both monthly exports
+    (tmp_path / "jan.csv").write_text(header + "1;7;2021-01-02 10:00:00;1;1.0;A;UK\n" + shared)
+    (tmp_path / "feb.csv").write_text(header + shared + "3;7;2021-02-02 10:00:00;1;3.0;C;UK\n")
     (tmp_path / "notes.txt").write_text("not an export")
     settings = make_settings(
         data={"transactions": {"path": str(tmp_path / "*.csv"), "csv_delimiter": ";"}}
@@ -245,6 +248,7 @@ TYPED = pd.DataFrame(
         "Quantity": [2, 2, 1, -1],
         "Price": [4.33, 4.33, 1.0, 2.5],
         "StockCode": ["A", "A", "B", "C"],
+        "Country": ["Germany", "Germany", "France", "Spain"],
     }
 )
 
@@ -382,7 +386,7 @@ def currency_settings(tmp_path: Path, make_settings):
         data={
             "transactions": {
                 "path": str(export),
-                "columns": {"currency": "Currency"},
+                "columns": {"currency": "Currency", "country": None},
                 "reporting_currency": "GBP",
                 "currency_rates": {"EUR": 0.86, "JPY": 0.0052},
             }
@@ -475,6 +479,7 @@ C14,B,2021-01-09 10:00,-1,4.0,P1
 def _returns_settings(tmp_path: Path, make_settings, **columns):
     export = tmp_path / "returns.csv"
     export.write_text(RETURNS)
+    columns = {"country": None, **columns}
     return make_settings(data={"transactions": {"path": str(export), "columns": columns}})
 
 

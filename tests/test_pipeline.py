@@ -141,7 +141,8 @@ def test_param_change_reruns_exactly_the_dependent_stages(repo):
 # --- synthetic data with engagement events and known churn times --------------------------
 
 SYNTH_SPEC = SynthSpec(n_customers=2000, months=30, seed=3)
-SYNTH_COLUMNS = {**{c: c for c in TRANSACTION_COLUMNS}, "amount": None, "channel": None}
+UNMAPPED = dict.fromkeys(("amount", "channel", "country"))  # not in the synthetic export
+SYNTH_COLUMNS = {c: c for c in TRANSACTION_COLUMNS} | UNMAPPED
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def test_ingest_never_loses_a_row_without_a_reason(make_settings, workdir, rows)
     export = workdir / "export.csv"
     frame = pd.DataFrame(
         rows, columns=["Invoice", "Customer ID", "InvoiceDate", "Quantity", "Price"]
-    ).assign(StockCode="P")
+    ).assign(StockCode="P", Country="United Kingdom")
     frame.to_csv(export, index=False)
     settings_ = make_settings(data={"transactions": {"path": str(export)}})
     settings_.paths.transactions.unlink(missing_ok=True)  # examples share one folder

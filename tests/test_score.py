@@ -179,7 +179,7 @@ def synthetic_pipeline(make_settings, tracking, tmp_path):
             "transactions": {
                 "path": str(raw),
                 "format": "parquet",
-                "columns": {**{n: n for n in names}, "amount": None, "channel": None},
+                "columns": {n: n for n in names} | dict.fromkeys(("amount", "channel", "country")),
             }
         },
         features={"btyd_fit_customers": 1},

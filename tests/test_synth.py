@@ -296,6 +296,7 @@ SYNTH_COLUMNS = {
     **{c: c for c in TRANSACTION_COLUMNS},
     "amount": None,
     "channel": None,
+    "country": None,
 }
 
 

@@ -31,6 +31,7 @@ CANONICAL_COLUMNS = (
     "product_id",
     "channel",
     "currency",
+    "country",
 )
 EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
@@ -128,6 +129,8 @@ class FeatureSettings:
     annual_discount_rate: float = 0.1
     # Channel values (any case) that count as online; left empty without a channel column.
     online_channels: tuple[str, ...] = ()
+    # Whether the lines have a country: set from data.transactions.columns.country, not a key.
+    country: bool = field(default=False, metadata={"derived": True})
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"params: '{where or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(
@@ -365,6 +368,7 @@ def _resolve_paths(settings: Settings, root: Path) -> Settings:
     features = settings.features
     if not transactions.columns.get("channel"):  # no channel, no channel mix
         features = dataclasses.replace(features, online_channels=())
+    features = dataclasses.replace(features, country=bool(transactions.columns.get("country")))
     return dataclasses.replace(
         settings,
         paths=paths,

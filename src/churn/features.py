@@ -143,22 +143,29 @@ class History:
 
 def _order_totals(bought: ir.Table) -> ir.Table:
     """One row per order of the ``bought`` lines: customer, order, first day, value,
-    distinct products (the basket size), ``online`` when lines have it, and last day.
+    distinct products (the basket size), ``online`` and ``country`` when lines have them
+    (an order has one country; the greatest when its lines disagree), and last day.
 
     Two plain group-bys, by order and product and then by order, rather than a distinct
     count or a product list per order: engines spill both to disk, so tens of millions of
     orders stay within DuckDB's memory limit."""
     keys = ["customer_id", "order_id"]
-    online = {"online": bought.online.any()} if "online" in bought.columns else {}
+
+    def optional(t: ir.Table) -> dict[str, ir.Value]:
+        online = {"online": t.online.any()} if "online" in t.columns else {}
+        return {**online, "country": t.country.max()} if "country" in t.columns else online
+
     p = bought.group_by(*keys, "product_id").agg(  # one row per order and product
-        first_day=bought.day.min(), final_day=bought.day.max(), value=bought.amount.sum(), **online
+        first_day=bought.day.min(),
+        final_day=bought.day.max(),
+        value=bought.amount.sum(),
+        **optional(bought),
     )
-    online = {"online": p.online.any()} if "online" in p.columns else {}
     return p.group_by(*keys).agg(
         day=p.first_day.min().cast("int32"),
         value=p.value.sum(),
         products=p.product_id.count().cast("int32"),  # a line without a product: none
-        **online,
+        **optional(p),
         last_day=p.final_day.max().cast("int32"),
     )
 
@@ -170,6 +177,8 @@ def history(
     table materialised in the lines' engine. With ``settings.online_channels`` a purchase
     line is ``online`` when its channel is one of them (any case, trimmed)."""
     con = lines.get_backend()
+    if not settings.country and "country" in lines.columns:
+        lines = lines.drop("country")  # no country mapped: the tables go without one
     bought = lines.filter(~lines.is_return)
     if settings.online_channels:
         wanted = [c.strip().lower() for c in settings.online_channels]
@@ -400,6 +409,29 @@ def line_features(history: History, cutoff: date) -> ir.Table:
     ).drop("_lines", "_units", "_prices")
 
 
+def customer_country(orders: ir.Table) -> ir.Table:
+    """Per customer of :func:`purchase_orders` with a country: that of the latest order
+    (the greatest of that day's when they differ)."""
+    known = orders.filter(orders.country.notnull())
+    known = known.mutate(_latest=known.day.max().over(group_by="customer_id"))
+    latest = known.filter(known.day == known._latest)
+    return latest.group_by("customer_id").agg(country=latest.country.max())
+
+
+def with_home_country(snapshot: ir.Table) -> ir.Table:
+    """Replace ``country`` by ``home_country``: 1 when it is the country most of the
+    snapshot's customers are in (each of them on a tie), 0 for another, null without one.
+
+    One flag rather than a code or a share per country: a share moves a little from one
+    snapshot to the next, and that moves whole countries across the drift check's bins.
+    """
+    per_country = snapshot.customer_id.count().over(group_by="country")
+    known = ibis.cases((snapshot.country.notnull(), per_country), else_=ibis.null("int64"))
+    t = snapshot.mutate(_customers=known)
+    home = (t._customers == t._customers.max().over()).cast("float64")
+    return t.mutate(home_country=home).drop("country", "_customers")
+
+
 def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
     """Counts per family in 30/90 days, days since the last event, the engagement trend,
     and last and mean NPS / CSAT with NPS promoter and detractor flags."""
@@ -441,6 +473,8 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
     parts = [purchase_day_features(history, orders, cutoff), line_features(history, cutoff)]
+    if "country" in orders.columns:
+        parts.append(customer_country(orders))
     if history.engagement is not None:
         parts.append(engagement_features(history.engagement, cutoff))
     joined = base
@@ -457,6 +491,8 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     )
     if "online_order_share" in joined.columns:
         joined = joined.relocate("online_order_share", after=joined.columns[-1])
+    if "country" in joined.columns:
+        joined = with_home_country(joined)
     c = day_number(cutoff)
     unobserved = unobserved_windows(c, history.first_day, settings.windows_days)
     if history.engagement is not None:
@@ -700,6 +736,8 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             unobserved_windows,
             purchase_day_features,
             line_features,
+            customer_country,
+            with_home_country,
             engagement_features,
             customer_features,
             churn_labels,

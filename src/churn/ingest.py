@@ -10,6 +10,7 @@ The canonical table has one row per transaction line::
     quantity     float64    null when the export has none
     product_id   string     null when the export has none
     channel      string     null when the export has none
+    country      string     null when the export has none
     is_return    boolean    negative quantity or an order id with the return prefix
     matched_order_id string for a return, the order of the customer's latest purchase of
                             the same product at or before it (null when none, or when
@@ -274,6 +275,7 @@ def parse_lines(
         quantity=quantity,
         product_id=_text(raw.source_product_id),
         channel=_text(raw.source_channel),
+        country=_text(raw.source_country),
         currency=currency,
         is_return=is_return,
         reason=reason,
@@ -282,8 +284,17 @@ def parse_lines(
 
 def canonical(parsed: ir.Table) -> ir.Table:
     """The kept lines of :func:`parse_lines`, in the canonical schema."""
-    return parsed.filter(parsed.reason.isnull()).select(
-        "customer_id", "order_id", "ts", "amount", "quantity", "product_id", "channel", "is_return"
+    kept = parsed.filter(parsed.reason.isnull())
+    return kept.select(
+        "customer_id",
+        "order_id",
+        "ts",
+        "amount",
+        "quantity",
+        "product_id",
+        "channel",
+        "country",
+        "is_return",
     )
 
 

@@ -111,6 +111,9 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
     ),
     "clv_12m": lambda r: f"expected spend in the next 12 months {_money(r['clv_12m'])}",
     "online_order_share": lambda r: f"{r['online_order_share'] * 100:.0f}% of orders online",
+    "home_country": lambda r: (
+        "in the shop's main country" if r["home_country"] else "outside the shop's main country"
+    ),
 }
 
 WINDOWED = re.compile(r"^(orders|spend)_(\d+)d$")
@@ -123,6 +126,7 @@ MISSING = {
     "max_gap_365d": "no repeat purchase in the last 12 months",
     "days_since_return": "no returns so far",
     "basket_size_trend": "no basket-size trend yet",
+    "home_country": "country unknown",
 }
 
 
@@ -195,6 +199,7 @@ LABELS = {
     "bgnbd_expected_purchases": "BG/NBD expected purchases",
     "clv_12m": "expected 12-month value",
     "online_order_share": "share of orders placed online",
+    "home_country": "in the shop's main country",
 }
 
 
