@@ -757,6 +757,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
         "trend_days": TREND_DAYS,
         "engagement_families": list(families),
         "online_channels": list(settings.online_channels),
+        "country": settings.country,
     }
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
     return {
