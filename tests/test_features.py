@@ -403,6 +403,12 @@ def test_home_country_is_the_latest_orders_country_with_most_snapshot_customers(
     assert "country" not in snap.columns
 
 
+def test_every_country_tied_for_most_customers_is_home(tiny_tx):
+    countries = {"O1": "France", "O2": "France", "O3": "France", "O5": "UK", "O6": "UK"}
+    snap = _snapshot_with(_with_countries(tiny_tx, countries), COUNTRY_SETTINGS)
+    assert snap.set_index("customer_id")["home_country"].to_dict() == {"A": 1.0, "B": 1.0}
+
+
 def test_no_country_column_no_country_feature(tiny_tx, make_settings):
     frame = _with_countries(tiny_tx, {"O1": "UK"})
     assert "home_country" not in _snapshot_with(frame, SETTINGS).columns

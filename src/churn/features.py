@@ -424,12 +424,17 @@ def with_home_country(snapshot: ir.Table) -> ir.Table:
 
     One flag rather than a code or a share per country: a share moves a little from one
     snapshot to the next, and that moves whole countries across the drift check's bins.
+    Worked out on the customers per country (a small table), not over a window of every
+    customer, which Spark would gather into one partition.
     """
-    per_country = snapshot.customer_id.count().over(group_by="country")
-    known = ibis.cases((snapshot.country.notnull(), per_country), else_=ibis.null("int64"))
-    t = snapshot.mutate(_customers=known)
-    home = (t._customers == t._customers.max().over()).cast("float64")
-    return t.mutate(home_country=home).drop("country", "_customers")
+    known = snapshot.filter(snapshot.country.notnull())
+    per_country = known.group_by("country").agg(_customers=known.count())
+    home = per_country.filter(per_country._customers == per_country._customers.max())
+    joined = snapshot.left_join(home.select("country", _home=ibis.literal(1.0)), "country")
+    flag = ibis.cases(
+        (joined.country.isnull(), ibis.null("float64")), (joined._home.notnull(), 1.0), else_=0.0
+    )
+    return joined.mutate(home_country=flag).drop("country", "country_right", "_home")
 
 
 def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
