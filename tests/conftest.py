@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from churn.config import Settings, settings_from_dict
+from churn.ingest import LINE_COLUMNS
 
 if TYPE_CHECKING:
     from churn.model import ChurnModel
@@ -61,20 +62,11 @@ def tx(rows: list[tuple]) -> pd.DataFrame:
     frame["ts"] = pd.to_datetime(frame["ts"]).astype("datetime64[us]")
     frame["amount"] = frame["amount"].astype("float64")
     frame["quantity"] = frame["amount"].apply(lambda a: -1.0 if a < 0 else 1.0)
-    frame["channel"] = pd.Series([None] * len(frame), dtype="string")
+    for unknown in ("channel", "country"):
+        frame[unknown] = pd.Series([None] * len(frame), dtype="string")
     frame["is_return"] = frame["amount"] < 0
-    return frame[
-        [
-            "customer_id",
-            "order_id",
-            "ts",
-            "amount",
-            "quantity",
-            "product_id",
-            "channel",
-            "is_return",
-        ]
-    ].astype({"customer_id": "string", "order_id": "string", "product_id": "string"})
+    text = {"customer_id": "string", "order_id": "string", "product_id": "string"}
+    return frame[list(LINE_COLUMNS)].astype(text)
 
 
 # Hand-checked history; cutoff 2021-04-01, horizon 30 days, windows 30 and 90 days.

@@ -339,15 +339,14 @@ CHANNEL_SETTINGS = FeatureSettings(
 )
 
 
-def _with_channels(frame: pd.DataFrame, by_order: dict[str, str | None]) -> pd.DataFrame:
-    out = frame.copy()
-    out["channel"] = out["order_id"].map(by_order).astype("string")
-    return out
+def _by_order(frame: pd.DataFrame, column: str, values: dict[str, str | None]) -> pd.DataFrame:
+    """``frame`` with ``column`` set per order id from ``values`` (null for the others)."""
+    return frame.assign(**{column: frame["order_id"].map(values).astype("string")})
 
 
 def test_online_order_share_counts_past_online_orders(tiny_tx):
     channels = {"O1": "WEB", "O2": "store", "O3": " app ", "C1": "web", "O4": "web"}
-    frame = _with_channels(tiny_tx, {**channels, "O5": None, "O6": "Online"})
+    frame = _by_order(tiny_tx, "channel", {**channels, "O5": None, "O6": "Online"})
     snap = _snapshot_with(frame, CHANNEL_SETTINGS).set_index("customer_id")
     # A: O1 (web), O2 (store), O3 (app) before the cutoff; the return C1 and the later O4
     # do not count. B: O5 (no channel, not online), O6 (online).
@@ -355,7 +354,7 @@ def test_online_order_share_counts_past_online_orders(tiny_tx):
 
 
 def test_an_order_is_online_when_any_line_is(tiny_tx):
-    frame = _with_channels(tiny_tx, {})
+    frame = _by_order(tiny_tx, "channel", {})
     frame.loc[(frame["order_id"] == "O1") & (frame["product_id"] == "P2"), "channel"] = "web"
     snap = _snapshot_with(frame, CHANNEL_SETTINGS).set_index("customer_id")
     assert snap.loc["A", "online_order_share"] == 1 / 3
@@ -373,12 +372,6 @@ def test_no_channel_column_no_channel_feature(tiny_tx, make_settings):
 COUNTRY_SETTINGS = FeatureSettings(horizon_days=30, windows_days=(30, 90), country=True)
 
 
-def _with_countries(frame: pd.DataFrame, by_order: dict[str, str | None]) -> pd.DataFrame:
-    out = frame.copy()
-    out["country"] = out["order_id"].map(by_order).astype("string")
-    return out
-
-
 def test_home_country_is_the_latest_orders_country_with_most_snapshot_customers(tiny_tx):
     more = tx(
         [
@@ -392,7 +385,7 @@ def test_home_country_is_the_latest_orders_country_with_most_snapshot_customers(
     countries = {"O1": "UK", "O2": "UK", "O3": "UK", "C1": "Spain", "O4": "Germany"}
     countries |= {"O5": "Belgium", "O6": "France", "O10": "Belgium", "O11": "UK"}
     countries |= {"O13": "France"}
-    frame = _with_countries(pd.concat([tiny_tx, more], ignore_index=True), countries)
+    frame = _by_order(pd.concat([tiny_tx, more], ignore_index=True), "country", countries)
     snap = _snapshot_with(frame, COUNTRY_SETTINGS).set_index("customer_id")
     # A: France (O13, its latest order before the cutoff; the return C1 and the later O4
     # do not count). B: France, the greatest of its last day's France and Belgium. E: UK.
@@ -405,12 +398,12 @@ def test_home_country_is_the_latest_orders_country_with_most_snapshot_customers(
 
 def test_every_country_tied_for_most_customers_is_home(tiny_tx):
     countries = {"O1": "France", "O2": "France", "O3": "France", "O5": "UK", "O6": "UK"}
-    snap = _snapshot_with(_with_countries(tiny_tx, countries), COUNTRY_SETTINGS)
+    snap = _snapshot_with(_by_order(tiny_tx, "country", countries), COUNTRY_SETTINGS)
     assert snap.set_index("customer_id")["home_country"].to_dict() == {"A": 1.0, "B": 1.0}
 
 
 def test_no_country_column_no_country_feature(tiny_tx, make_settings):
-    frame = _with_countries(tiny_tx, {"O1": "UK"})
+    frame = _by_order(tiny_tx, "country", {"O1": "UK"})
     assert "home_country" not in _snapshot_with(frame, SETTINGS).columns
     unmapped = make_settings(data={"transactions": {"columns": {"country": None}}})
     assert not unmapped.features.country

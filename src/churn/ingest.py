@@ -53,6 +53,18 @@ from churn.io import (
     write_parquet,
 )
 
+# The canonical table's columns as :func:`canonical` selects them (``matched_order_id`` follows).
+LINE_COLUMNS = (
+    "customer_id",
+    "order_id",
+    "ts",
+    "amount",
+    "quantity",
+    "product_id",
+    "channel",
+    "country",
+    "is_return",
+)
 REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
 CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
 EVENT_REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "missing_event_type")
@@ -284,18 +296,7 @@ def parse_lines(
 
 def canonical(parsed: ir.Table) -> ir.Table:
     """The kept lines of :func:`parse_lines`, in the canonical schema."""
-    kept = parsed.filter(parsed.reason.isnull())
-    return kept.select(
-        "customer_id",
-        "order_id",
-        "ts",
-        "amount",
-        "quantity",
-        "product_id",
-        "channel",
-        "country",
-        "is_return",
-    )
+    return parsed.filter(parsed.reason.isnull()).select(*LINE_COLUMNS)
 
 
 def match_returns(lines: ir.Table) -> ir.Table:
