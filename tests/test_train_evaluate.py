@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import lightgbm as lgb
 import mlflow
 import numpy as np
 import pandas as pd
@@ -338,6 +339,46 @@ def test_the_sample_read_in_batches_is_the_stratified_sample_of_the_file(pipelin
     pd.testing.assert_frame_equal(sample, expected)
     whole, _ = train.read_sample(path, len(snapshots), seed=3)
     pd.testing.assert_frame_equal(whole, snapshots)
+
+
+def test_boosting_stops_where_lightgbm_early_stopping_does_and_measures_every_k_trees(pipeline):
+    snapshots = pd.read_parquet(pipeline.settings.paths.features / "train.parquet")
+    fit, valid = train.split_by_cutoff(snapshots)
+    columns = train.feature_columns(snapshots)
+    settings = TrainSettings(max_rounds=400, early_stopping_rounds=20, eval_every=1)
+    reference = lgb.train(
+        train.lgb_params(settings, seed=0),
+        lgb.Dataset(fit[columns].astype("float64"), label=fit[LABEL]),
+        num_boost_round=settings.max_rounds,
+        valid_sets=[lgb.Dataset(valid[columns].astype("float64"), label=valid[LABEL])],
+        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
+    )
+    every_tree = train.fit_booster(fit, valid, columns, settings, seed=0)
+    assert every_tree.best_iteration == reference.best_iteration < settings.max_rounds
+    assert every_tree.best_score["valid_0"]["auc"] == reference.best_score["valid_0"]["auc"]
+    assert every_tree.num_trees() == reference.num_trees()
+    x = valid[columns].astype("float64")
+    np.testing.assert_array_equal(
+        every_tree.predict(x, num_iteration=every_tree.best_iteration),
+        reference.predict(x, num_iteration=reference.best_iteration),
+    )
+    # Measured every 7 trees: the best of the measured counts, the same trees as before.
+    sparse = train.fit_booster(
+        fit, valid, columns, dataclasses.replace(settings, eval_every=7), seed=0
+    )
+    assert sparse.best_iteration % 7 == 0
+    assert sparse.num_trees() == sparse.best_iteration  # trees after the best are dropped
+    p = sparse.predict(x)
+    assert sparse.best_score["valid_0"]["auc"] == pytest.approx(roc_auc_score(valid[LABEL], p))
+    # The measured counts before it did no better.
+    for n in range(7, sparse.best_iteration, 7):
+        assert roc_auc_score(valid[LABEL], sparse.predict(x, num_iteration=n)) <= roc_auc_score(
+            valid[LABEL], p
+        )
+    common = min(sparse.num_trees(), every_tree.num_trees())
+    np.testing.assert_array_equal(
+        sparse.predict(x, num_iteration=common), every_tree.predict(x, num_iteration=common)
+    )
 
 
 def test_the_model_is_the_same_whatever_the_number_of_threads(pipeline):

@@ -144,6 +144,7 @@ class TrainSettings:
     lambda_l2: float = 1.0
     max_rounds: int = 2000
     early_stopping_rounds: int = 100
+    eval_every: int = 10  # trees between two measures of the validation AUC
     n_trials: int = 5  # Optuna trials over the LightGBM parameters; 0 = use them as given
     max_rows: int = 2_000_000
     tune_rows: int = 200_000  # fitting and validation rows each trial uses at most
@@ -437,6 +438,7 @@ def _validate(s: Settings) -> None:
         num_leaves=t.num_leaves,
         max_rounds=t.max_rounds,
         early_stopping_rounds=t.early_stopping_rounds,
+        eval_every=t.eval_every,
         max_rows=t.max_rows,
         tune_rows=t.tune_rows,
     )
