@@ -16,7 +16,7 @@ from churn.actions import (
 )
 from churn.config import DuckDBSettings, ParamsError
 from churn.reasons import explain, has_phrase, phrase
-from churn.score import retention_columns, risk_deciles, risk_tiers
+from churn.score import _write_in_rank_order, retention_columns, risk_deciles, risk_tiers
 from churn.train import feature_columns
 from tests.conftest import ROOT, project_params, unsaved_model
 
@@ -192,6 +192,30 @@ def synthetic_pipeline(make_settings, tracking, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_list_is_written_in_rank_order_as_pandas_writes_csv(tmp_path):
+    rows = pd.DataFrame(
+        {
+            "customer_id": ["a,1", 'say "hi"', "Müller", "two\nlines", "plain"],
+            "churn_probability": [0.0001, 0.5, 0.25, 1.0, 0.1234],
+            "risk_decile": [5, 1, 3, 2, 4],
+            "monetary": [1234567.89, 0.0, -2.5, 1e-05, 12.0],
+            "reason_1": ["x", None, "since 2011; 3 orders", None, "y"],
+            "selected": [True, False, True, False, False],
+            "_rank": [4, 0, 2, 1, 3],
+        }
+    )
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    rows.iloc[:3].to_parquet(parts / "000000.parquet", index=False)
+    rows.iloc[3:].to_parquet(parts / "000001.parquet", index=False)
+    target = tmp_path / "list.csv"
+    _write_in_rank_order(parts, target, DuckDBSettings())
+    expected = rows.sort_values("_rank").drop(columns="_rank")
+    assert target.read_bytes() == expected.to_csv(index=False).encode("utf-8-sig")
+    read = pd.read_csv(target, encoding="utf-8-sig", keep_default_na=False, na_values=[""])
+    assert read["customer_id"].tolist() == ['say "hi"', "two\nlines", "Müller", "plain", "a,1"]
+
+
 def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipeline, tmp_path):
     import dataclasses
     import json

@@ -6,6 +6,7 @@ Columns of the retention list, in order: see :func:`retention_columns` and the R
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) ->
 # The snapshot is read twice in batches of ``score.chunk_rows``. The first pass keeps only
 # what ranking, value bands, actions and the budget need per customer (a few numbers and
 # labels) and the drift bin counts; the second explains each batch and spills its finished
-# rows with their rank to Parquet, which DuckDB reads back in rank order into the CSV. Peak
+# rows with their rank to Parquet, which DuckDB writes in rank order as the CSV. Peak
 # memory is that small per-customer table plus one batch, not the snapshot.
 
 KEY_COLUMNS = (
@@ -345,25 +346,25 @@ def _finished_rows(
     return for_marketers(out, settings.n_reasons)
 
 
-def _write_in_rank_order(
-    folder: Path, target: Path, chunk_rows: int, memory: DuckDBSettings
-) -> None:
-    """The spilled rows, in rank order, as the CSV (``utf-8-sig``), ``chunk_rows`` at a time.
+def _write_in_rank_order(folder: Path, target: Path, memory: DuckDBSettings) -> None:
+    """The spilled rows, in rank order, as the CSV (``utf-8-sig``, ``selected`` as
+    True/False).
 
-    The sort runs on embedded DuckDB whatever the engine, within ``memory.memory_limit``;
-    above it, it spills beside the rows."""
+    DuckDB sorts and writes them whatever the engine, within ``memory.memory_limit``; above
+    it, the sort spills beside the rows."""
     con = connect(Engine(duckdb=memory)).con
     con.execute(f"SET temp_directory = '{folder / 'sort'}'")
-    query = f"SELECT * EXCLUDE (_rank) FROM read_parquet('{folder}/*.parquet') ORDER BY _rank"
-    result = con.execute(query)
-    # to_arrow_reader replaces fetch_record_batch (deprecated) in newer DuckDB releases.
-    batches = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
-    reader = batches(chunk_rows)
-    with atomic_text(target, encoding="utf-8-sig") as stream:
-        header = True
-        for batch in reader:
-            batch.to_pandas().to_csv(stream, index=False, header=header)
-            header = False
+    body = folder / "retention_list.csv"
+    con.execute(
+        "COPY (SELECT * EXCLUDE (_rank) REPLACE (if(selected, 'True', 'False') AS selected) "
+        f"FROM read_parquet('{folder}/*.parquet') ORDER BY _rank) "
+        f"TO '{body}' (FORMAT csv, HEADER)"
+    )
+    with atomic_text(target, encoding="utf-8-sig") as stream, body.open(newline="") as rows:
+        shutil.copyfileobj(rows, stream, _COPY_CHARS)
+
+
+_COPY_CHARS = 1 << 24
 
 
 def run(
@@ -426,7 +427,7 @@ def run(
             model_version=job.model_version,
             as_of=as_of,
         )
-        _write_in_rank_order(Path(tmp), job.out, settings.chunk_rows, memory)
+        _write_in_rank_order(Path(tmp), job.out, memory)
     if job.xlsx:
         write_xlsx(
             pd.read_csv(job.out, encoding="utf-8-sig", dtype=str, keep_default_na=False),
