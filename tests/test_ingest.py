@@ -189,18 +189,22 @@ def test_unreadable_file_is_named(tmp_path, make_settings):
 
 def test_glob_reads_every_matching_file_and_drops_the_overlap(tmp_path, make_settings):
     header = "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country\n"
-    shared = "2;8;2021-01-31 10:00:00;1;2.0;B;UK\n"  # in both monthly exports
+    shared = "2;8;2021-01-31 10:00:00;1;2.0;B;UK\n"  # in every monthly export
     (tmp_path / "jan.csv").write_text(header + "1;7;2021-01-02 10:00:00;1;1.0;A;UK\n" + shared)
     (tmp_path / "feb.csv").write_text(header + shared + "3;7;2021-02-02 10:00:00;1;3.0;C;UK\n")
+    (tmp_path / "mar.csv").write_text(header + shared + shared)
     (tmp_path / "notes.txt").write_text("not an export")
     settings = make_settings(
         data={"transactions": {"path": str(tmp_path / "*.csv"), "csv_delimiter": ";"}}
     )
     summary = ingest.run(settings.data, settings.paths)
-    assert len(summary.files) == 2
-    assert summary.rows_read == 4
-    assert summary.duplicates_removed == 1
+    assert len(summary.files) == 3
+    assert summary.rows_read == 6
+    assert summary.duplicates_removed == 3
     assert summary.rows_kept == 3
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["order_id"].tolist() == ["1", "2", "3"]
+    assert kept["channel"].isna().all()  # not mapped: null on every line
 
 
 # Text timestamps and their time in Berlin (UTC+2 on 1 June 2021), worked out by hand.

@@ -415,7 +415,12 @@ def _read_unique(
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
     mixed = [c for c in names if len({frame[c].type() for frame in frames}) > 1]
     frames = [frame.mutate(**{c: frame[c].cast("string") for c in mixed}) for frame in frames]
-    unique = ibis.union(*frames, distinct=True) if len(frames) > 1 else frames[0].distinct()
+    # One distinct over every export (Ibis nests a distinct union pairwise, which hashes
+    # each line once per level), on the mapped columns: the others are null throughout.
+    mapped = [c for c in names if source.columns.get(c) is not None]
+    unique = ibis.union(*[frame.select(*mapped) for frame in frames]).distinct()
+    unmapped = {c: ibis.null(frames[0][c].type()) for c in names if c not in mapped}
+    unique = unique.mutate(**unmapped).select(*names)
     return unique, per_file, files
 
 
