@@ -263,6 +263,22 @@ def _typed_settings(make_settings, path: Path):
     )
 
 
+def test_parquet_exports_of_one_schema_are_read_together_and_the_overlap_dropped(
+    tmp_path, make_settings
+):
+    TYPED.to_parquet(tmp_path / "may.parquet", index=False)
+    june = TYPED.assign(Invoice=["1", "4", "5", "6"])  # its first line is also in May
+    june.to_parquet(tmp_path / "june.parquet", index=False)
+    settings = _typed_settings(make_settings, tmp_path / "*.parquet")
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.files == {str(tmp_path / "june.parquet"): 4, str(tmp_path / "may.parquet"): 4}
+    # May repeats its line 1, June repeats May's: both copies go.
+    assert (summary.rows_kept, summary.rows_rejected, summary.duplicates_removed) == (4, 2, 2)
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["order_id"].tolist() == ["1", "3", "4", "6"]
+    assert kept["amount"].tolist() == [8.66, -2.5, 8.66, -2.5]
+
+
 def test_typed_parquet_columns_are_taken_as_typed(tmp_path, make_settings):
     """Zoned timestamps, integer quantities and double prices are used without text; the
     rejects still show each value as text."""
