@@ -199,7 +199,7 @@ def test_the_list_is_written_in_rank_order_as_pandas_writes_csv(tmp_path):
             "churn_probability": [0.0001, 0.5, 0.25, 1.0, 0.1234],
             "risk_decile": [5, 1, 3, 2, 4],
             "monetary": [1234567.89, 0.0, -2.5, 1e-05, 12.0],
-            "reason_1": ["x", None, "since 2011; 3 orders", None, "y"],
+            "reason_1": ["x", None, "since 2011; 3 orders", "", "y"],
             "selected": [True, False, True, False, False],
             "_rank": [4, 0, 2, 1, 3],
         }

@@ -347,18 +347,22 @@ def _finished_rows(
 
 
 def _write_in_rank_order(folder: Path, target: Path, memory: DuckDBSettings) -> None:
-    """The spilled rows, in rank order, as the CSV (``utf-8-sig``, ``selected`` as
-    True/False).
+    """The spilled rows, in rank order, as the CSV pandas would write (``utf-8-sig``,
+    ``selected`` as True/False, nothing for an empty text).
 
     DuckDB sorts and writes them whatever the engine, within ``memory.memory_limit``; above
     it, the sort spills beside the rows."""
     con = connect(Engine(duckdb=memory)).con
     con.execute(f"SET temp_directory = '{folder / 'sort'}'")
+    parts = f"read_parquet('{folder}/*.parquet')"
+    # DuckDB quotes an empty text (""), pandas leaves the field empty as for a null.
+    described = con.execute(f"DESCRIBE SELECT * FROM {parts}").fetchall()
+    replace = [f"nullif({n}, '') AS {n}" for n, kind, *_ in described if kind == "VARCHAR"]
+    replace.append("if(selected, 'True', 'False') AS selected")
     body = folder / "retention_list.csv"
     con.execute(
-        "COPY (SELECT * EXCLUDE (_rank) REPLACE (if(selected, 'True', 'False') AS selected) "
-        f"FROM read_parquet('{folder}/*.parquet') ORDER BY _rank) "
-        f"TO '{body}' (FORMAT csv, HEADER)"
+        f"COPY (SELECT * EXCLUDE (_rank) REPLACE ({', '.join(replace)}) FROM {parts} "
+        f"ORDER BY _rank) TO '{body}' (FORMAT csv, HEADER)"
     )
     with atomic_text(target, encoding="utf-8-sig") as stream, body.open(newline="") as rows:
         shutil.copyfileobj(rows, stream, _COPY_CHARS)
