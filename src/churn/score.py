@@ -365,10 +365,7 @@ def _write_in_rank_order(folder: Path, target: Path, memory: DuckDBSettings) -> 
         f"ORDER BY _rank) TO '{body}' (FORMAT csv, HEADER)"
     )
     with atomic_text(target, encoding="utf-8-sig") as stream, body.open(newline="") as rows:
-        shutil.copyfileobj(rows, stream, _COPY_CHARS)
-
-
-_COPY_CHARS = 1 << 24
+        shutil.copyfileobj(rows, stream, 1 << 24)  # 16M characters at a time
 
 
 def run(
