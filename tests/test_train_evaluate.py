@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import lightgbm as lgb
 import mlflow
@@ -93,6 +94,11 @@ def test_model_is_registered_with_aliases_and_logged(pipeline):
     pd.testing.assert_series_equal(
         pd.Series(registered.predict_proba(test)), pd.Series(local.predict_proba(test))
     )
+    # The requirements are inferred once and are the same in both copies.
+    needs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/churn/{pipeline.model_version}"))
+    saved = (pipeline.settings.paths.model / "requirements.txt").read_text()
+    assert needs.read_text() == saved
+    assert {"lightgbm", "lleaves", "mlflow"} <= {line.split("==")[0] for line in saved.split()}
 
 
 def test_weaker_model_does_not_replace_champion(pipeline, tmp_path):

@@ -389,6 +389,18 @@ def run(
     artifacts = write_artifacts(booster, card, staging)
     example = valid[card.features].head(5).astype("float64")
     model = ChurnModel()
+    signature = infer_signature(example, model_output=np.zeros(len(example)))
+    # Saved beside the artifacts first; it replaces paths.model once the run is registered.
+    saved = paths.model.parent / f".{paths.model.name}.saved"
+    if saved.exists():
+        shutil.rmtree(saved)
+    mlflow.pyfunc.save_model(
+        path=str(saved),
+        python_model=model,
+        artifacts=artifacts,
+        signature=signature,
+        input_example=example,
+    )
     use_experiment(tracking)
     with mlflow.start_run() as active:
         mlflow.log_params(
@@ -435,13 +447,14 @@ def run(
             {"validation_auc": validation_auc, "best_iteration": card.best_iteration}
         )
         mlflow.log_dict(_importance(booster), "feature_importance.json")
-        signature = infer_signature(example, model_output=np.zeros(len(example)))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=model,
             artifacts=artifacts,
             signature=signature,
             input_example=example,
+            # Inferred once, for the saved copy (MLflow imports the model in a subprocess).
+            pip_requirements=str(saved / "requirements.txt"),
             registered_model_name=tracking.registered_model,
         )
         version = str(info.registered_model_version)
@@ -450,13 +463,7 @@ def run(
         )
     if paths.model.exists():
         shutil.rmtree(paths.model)
-    mlflow.pyfunc.save_model(
-        path=str(paths.model),
-        python_model=model,
-        artifacts=artifacts,
-        signature=signature,
-        input_example=example,
-    )
+    saved.rename(paths.model)
     shutil.rmtree(staging)
     write_json(
         {
