@@ -139,12 +139,12 @@ def read_sample(path: Path, max_rows: int, *, seed: int) -> tuple[pd.DataFrame, 
     keys = pd.read_parquet(path, columns=["cutoff", LABEL])
     if len(keys) <= max_rows:
         return pd.read_parquet(path), len(keys)
-    drawn = stratified_sample(keys, max_rows, seed=seed).index.to_numpy()
+    drawn = stratified_sample(keys, max_rows, seed=seed).index.to_numpy()  # ascending
     file = pq.ParquetFile(path)
     batches, start = [], 0
     for batch in file.iter_batches():
-        rows = drawn[(drawn >= start) & (drawn < start + batch.num_rows)] - start
-        batches.append(batch.take(rows))
+        first, stop = np.searchsorted(drawn, [start, start + batch.num_rows])
+        batches.append(batch.take(drawn[first:stop] - start))
         start += batch.num_rows
     table = pa.Table.from_batches(batches, schema=file.schema_arrow)
     return table.to_pandas(), len(keys)
