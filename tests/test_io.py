@@ -12,7 +12,14 @@ import pytest
 
 from churn import ChurnError
 from churn.config import DuckDBSettings, Engine
-from churn.io import WHITESPACE, connect, parquet_parts, read_ahead, read_table
+from churn.io import (
+    WHITESPACE,
+    connect,
+    map_in_threads,
+    parquet_parts,
+    read_ahead,
+    read_table,
+)
 
 
 def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
@@ -111,3 +118,41 @@ def test_leaving_read_ahead_early_stops_the_thread():
     done = len(log)
     assert done <= 3  # the item taken, the one queued, the one being offered
     assert not [t for t in threading.enumerate() if t.name == "churn-read-ahead"]
+
+
+def test_map_in_threads_keeps_the_order_and_takes_at_most_workers_items_ahead():
+    log: list[str] = []
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def slow_square(k: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02 * (k % 3))  # later items may finish first
+        with lock:
+            running -= 1
+        return k * k
+
+    results = []
+    for value in map_in_threads(slow_square, _recorded(log, 9), workers=3):
+        taken = sum(e.startswith("made") for e in log)
+        assert taken - len(results) <= 3  # this result's item and at most two more
+        results.append(value)
+    assert results == [k * k for k in range(9)]
+    assert 1 < most <= 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("churn-worker")]
+
+
+def test_map_in_threads_raises_an_error_where_its_result_is_taken():
+    def fails_on_two(k: int) -> int:
+        if k == 2:
+            raise ValueError("item 2 failed")
+        return k
+
+    taken = []
+    with pytest.raises(ValueError, match="item 2 failed"):
+        taken.extend(map_in_threads(fails_on_two, range(100), workers=2))
+    assert taken == [0, 1]
+    assert list(map_in_threads(fails_on_two, [5, 6], workers=1)) == [5, 6]

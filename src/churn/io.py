@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -35,6 +37,7 @@ SUFFIX_FORMATS = {
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
 
@@ -381,3 +384,28 @@ def read_ahead(items: Iterable[T]) -> Iterator[Iterator[T]]:
     finally:
         stop.set()
         worker.join()
+
+
+def map_in_threads(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn`` of each item, in the items' order, computed on ``workers`` threads.
+
+    Items are taken one at a time, and at most ``workers`` of them are taken ahead of the
+    result being yielded: memory holds that many, however many items there are. Worth it
+    when ``fn`` spends its time in code that releases the GIL (NumPy, LightGBM, Arrow).
+    An error raised by ``fn`` is raised where its result is taken; the items not started
+    yet are then dropped.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="churn-worker")
+    pending: collections.deque[Future[R]] = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) == workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
