@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from churn import model as model_module
+from churn.io import map_in_threads
 from churn.model import (
     DENSE_PATTERNS,
     PATTERN_MIN_ROWS,
@@ -134,6 +135,18 @@ def test_treeshap_by_split_pattern_is_lightgbms(tmp_path, leaves, params, groupe
         assert max(c.max() for c in codes) >= DENSE_PATTERNS
     expected = booster.predict(x, pred_contrib=True)[:, :-1]
     np.testing.assert_allclose(treeshap(booster, patterns, x), expected, rtol=0, atol=1e-9)
+
+
+def test_treeshap_of_batches_on_several_threads_is_lightgbms(tmp_path):
+    # Each tree's stand-ins are predicted with their own start iteration, which LightGBM
+    # records on the booster: batches explained side by side must not mix up the trees.
+    booster = lgb.Booster(model_file=str(_booster_file(tmp_path, 5, leaves=15)))
+    patterns = split_patterns(booster.dump_model()["tree_info"], 4)
+    batches = list(np.random.default_rng(5).normal(size=(12, 2_000, 4)))
+    explained = list(map_in_threads(lambda x: treeshap(booster, patterns, x), batches, 4))
+    for x, contributions in zip(batches, explained, strict=True):
+        expected = booster.predict(x, pred_contrib=True)[:, :-1]
+        np.testing.assert_allclose(contributions, expected, rtol=0, atol=1e-9)
 
 
 def test_treeshap_of_few_rows_is_lightgbms_and_of_none_is_empty(tmp_path):

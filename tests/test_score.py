@@ -239,7 +239,7 @@ def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipelin
 
     common = {"drift": settings.drift, "actions": settings.actions, "campaign": settings.campaign}
     # One batch holding the whole snapshot, against 97-row batches: the snapshot is read in
-    # many pieces, and the last one is short.
+    # many pieces, explained side by side on every CPU, and the last one is short.
     whole = score.run(
         snapshot_path,
         spec,

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -210,6 +211,17 @@ DENSE_PATTERNS = 1 << 20  # codes below this index a table; above it they are so
 PATTERN_MIN_ROWS = 1_000  # below this, a LightGBM call per tree costs more than it saves
 
 
+# LightGBM's predict records which trees to use on the booster itself: two threads
+# predicting different trees of one booster at once would mix them up.
+_PREDICTING = threading.Lock()
+
+
+def booster_predict(booster: lgb.Booster, matrix: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """``booster.predict(matrix, **kwargs)``, one call at a time: safe from several threads."""
+    with _PREDICTING:
+        return booster.predict(matrix, **kwargs)
+
+
 def _goes_left(value: float, split: dict[str, Any]) -> bool:
     """Whether ``value`` goes left at a dumped numerical split, as LightGBM decides: it
     reads values within its zero band as 0, and NaN as 0 unless the split has a NaN branch."""
@@ -313,8 +325,8 @@ def treeshap(booster: lgb.Booster, patterns: SplitPatterns, matrix: np.ndarray) 
     if n == 0:
         return np.zeros((0, n_features))
     if n < PATTERN_MIN_ROWS:
-        whole = booster.predict(matrix, pred_contrib=True, num_iteration=len(patterns.trees))
-        return whole[:, :-1]
+        trees = len(patterns.trees)
+        return booster_predict(booster, matrix, pred_contrib=True, num_iteration=trees)[:, :-1]
     total = np.zeros((n_features, n))
     cells = feature_cells(matrix, patterns.edges)
     everyone = np.arange(n)
@@ -324,8 +336,15 @@ def treeshap(booster: lgb.Booster, patterns: SplitPatterns, matrix: np.ndarray) 
         else:
             stand_ins, group = _pattern_groups(pattern_codes(tree, cells))
             features = [feature for feature, _ in tree]
-        phi = booster.predict(
-            matrix[stand_ins], pred_contrib=True, start_iteration=t, num_iteration=1
+        # A few hundred stand-ins take one thread (batches are explained side by side);
+        # every row of an ungrouped tree takes OpenMP's default.
+        phi = booster_predict(
+            booster,
+            matrix[stand_ins],
+            pred_contrib=True,
+            start_iteration=t,
+            num_iteration=1,
+            num_threads=0 if tree is None else 1,
         )
         for feature in features:
             total[feature] += phi[:, feature].take(group)
@@ -391,7 +410,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
     def booster_proba(self, matrix: np.ndarray) -> np.ndarray:
         """The booster's own probability for each row of the feature matrix."""
         if len(matrix) < self.compiled_min_rows or self.booster_file is None:
-            return self._booster.predict(matrix, num_iteration=self._card.best_iteration)
+            return booster_predict(self._booster, matrix, num_iteration=self._card.best_iteration)
         if self._compiled is None:
             self._compiled = compile_booster(self.booster_file)
         return self._compiled.predict(matrix, n_jobs=usable_cpus())
@@ -399,26 +418,43 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
     def contributions(self, frame: pd.DataFrame, method: str = "treeshap") -> pd.DataFrame:
         """Per-feature contributions to the raw log-odds, one column per feature: TreeSHAP
         (:func:`treeshap`), or ``path`` attribution (:func:`path_table`; the same sums)."""
-        if method not in ATTRIBUTIONS:
-            raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {method!r}")
+        self.prepare_attribution(method)
         matrix, iterations = self.matrix(frame), self._card.best_iteration
         if method == "path":
-            if self._path_table is None:
-                self._path_table = path_table(self._trees(), len(self._card.features))
             contrib = np.vstack(  # blocks keep the rows x trees leaf indices small
                 [
                     path_contributions(
-                        *self._path_table,
-                        self._booster.predict(block, pred_leaf=True, num_iteration=iterations),
+                        *self._paths(),
+                        booster_predict(
+                            self._booster, block, pred_leaf=True, num_iteration=iterations
+                        ),
                     )
                     for block in np.array_split(matrix, max(1, -(-len(matrix) // PATH_ROWS)))
                 ]
             )
         else:
-            if self._patterns is None:
-                self._patterns = split_patterns(self._trees(), len(self._card.features))
-            contrib = treeshap(self._booster, self._patterns, matrix)
+            contrib = treeshap(self._booster, self._split_patterns(), matrix)
         return pd.DataFrame(contrib, columns=self._card.features, index=frame.index)
+
+    def prepare_attribution(self, method: str) -> None:
+        """Build the tables :meth:`contributions` reads for ``method`` (the trees' paths or
+        split patterns) unless built already; call it once before threads share the model."""
+        if method not in ATTRIBUTIONS:
+            raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {method!r}")
+        if method == "path":
+            self._paths()
+        else:
+            self._split_patterns()
+
+    def _paths(self) -> tuple[sparse.csr_matrix, np.ndarray]:
+        if self._path_table is None:
+            self._path_table = path_table(self._trees(), len(self._card.features))
+        return self._path_table
+
+    def _split_patterns(self) -> SplitPatterns:
+        if self._patterns is None:
+            self._patterns = split_patterns(self._trees(), len(self._card.features))
+        return self._patterns
 
     def _trees(self) -> list[dict[str, Any]]:
         """The booster's trees up to the best iteration, as LightGBM dumps them."""

@@ -48,8 +48,15 @@ from churn.features import (
     with_day,
     with_season_prior,
 )
-from churn.io import InputError, atomic_text, connect, write_json, write_xlsx
-from churn.model import ChurnModel
+from churn.io import (
+    InputError,
+    atomic_text,
+    connect,
+    map_in_threads,
+    write_json,
+    write_xlsx,
+)
+from churn.model import ChurnModel, usable_cpus
 from churn.progress import progress
 from churn.reasons import explain
 
@@ -285,29 +292,42 @@ def _write_ranked_parts(
     model_version: str,
     as_of: date,
 ) -> None:
-    """Second pass: each batch explained and finished into marketer rows with their rank."""
+    """Second pass: each batch explained and finished into marketer rows with their rank,
+    written as a Parquet part. Batches are explained on every usable CPU at once, which
+    the attribution's NumPy and LightGBM work allows."""
     by_row = table.sort_values("row")
     rank = by_row.index.to_numpy()
     columns = list(
         dict.fromkeys([*KEY_COLUMNS, "recency_days", "frequency", "monetary", *model.feature_names])
     )
-    start = 0
+    model.prepare_attribution(settings.attribution)  # shared by the threads, built once
+
+    def numbered(batches: Iterator[pd.DataFrame]) -> Iterator[tuple[int, int, pd.DataFrame]]:
+        start = 0
+        for part, frame in enumerate(batches):
+            yield part, start, frame
+            start += len(frame)
+
+    def finish(item: tuple[int, int, pd.DataFrame]) -> int:
+        part, start, frame = item
+        stop = start + len(frame)
+        out = _finished_rows(
+            frame,
+            by_row.iloc[start:stop].reset_index(drop=True),
+            model,
+            settings,
+            model_version=model_version,
+            as_of=as_of,
+        )
+        out["_rank"] = rank[start:stop]
+        rows = pa.Table.from_pandas(out, preserve_index=False)
+        pq.write_table(rows, folder / f"{part:06d}.parquet")
+        return len(frame)
+
+    batches = numbered(_batches(file, columns, settings.chunk_rows))
     with progress("score: customers explained", file.metadata.num_rows) as advance:
-        for part, frame in enumerate(_batches(file, columns, settings.chunk_rows)):
-            stop = start + len(frame)
-            out = _finished_rows(
-                frame,
-                by_row.iloc[start:stop].reset_index(drop=True),
-                model,
-                settings,
-                model_version=model_version,
-                as_of=as_of,
-            )
-            out["_rank"] = rank[start:stop]
-            table_part = pa.Table.from_pandas(out, preserve_index=False)
-            pq.write_table(table_part, folder / f"{part:06d}.parquet")
-            advance(len(frame))
-            start = stop
+        for rows in map_in_threads(finish, batches, usable_cpus()):
+            advance(rows)
 
 
 def _finished_rows(
