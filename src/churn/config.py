@@ -146,7 +146,7 @@ class TrainSettings:
     early_stopping_rounds: int = 100
     eval_every: int = 10  # trees between two measures of the validation AUC
     n_trials: int = 5  # Optuna trials over the LightGBM parameters; 0 = use them as given
-    max_rows: int = 2_000_000
+    max_rows: int = 1_000_000
     tune_rows: int = 200_000  # fitting and validation rows each trial uses at most
     num_threads: int = 0  # LightGBM's threads; 0 = every CPU this process may use
 
