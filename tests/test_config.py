@@ -44,6 +44,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         ({"features": {"test_cutoff": "next week"}}, r"must be a date YYYY-MM-DD"),
         ({"train": {"feature_fraction": 1.5}}, r"train.feature_fraction must be in \(0, 1\]"),
         ({"train": {"num_threads": -1}}, r"train.num_threads must be >= 0, got -1"),
+        ({"score": {"num_threads": -2}}, r"score.num_threads must be >= 0, got -2"),
         ({"data": {"transactions": {"columns": {"ts": None}}}}, r"columns.ts must name"),
         (
             {"data": {"transactions": {"columns": {"amount": None, "unit_price": None}}}},
@@ -64,6 +65,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         "bad-date",
         "fraction",
         "threads",
+        "score-threads",
         "no-ts",
         "no-amount",
         "format",

@@ -239,7 +239,7 @@ def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipelin
 
     common = {"drift": settings.drift, "actions": settings.actions, "campaign": settings.campaign}
     # One batch holding the whole snapshot, against 97-row batches: the snapshot is read in
-    # many pieces, explained side by side on every CPU, and the last one is short.
+    # many pieces, explained three at a time, and the last one is short.
     whole = score.run(
         snapshot_path,
         spec,
@@ -248,15 +248,16 @@ def test_scoring_writes_the_same_files_whatever_the_batch_size(synthetic_pipelin
         settings=dataclasses.replace(settings.score, chunk_rows=10**9),
         **common,
     )
-    batched = dataclasses.replace(settings.score, chunk_rows=97)
+    batched = dataclasses.replace(settings.score, chunk_rows=97, num_threads=3)
     streamed = score.run(snapshot_path, spec, model, job("streamed"), settings=batched, **common)
-    # The rank-order sort within a small DuckDB memory limit: the same list.
+    # One batch at a time, and the rank-order sort within a small DuckDB memory limit: the
+    # same list.
     small = score.run(
         snapshot_path,
         spec,
         model,
         job("small"),
-        settings=batched,
+        settings=dataclasses.replace(batched, num_threads=1),
         memory=DuckDBSettings("16MB"),
         **common,
     )

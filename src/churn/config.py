@@ -186,6 +186,7 @@ class ScoreSettings:
     n_reasons: int = 3
     chunk_rows: int = 100_000
     attribution: str = "treeshap"
+    num_threads: int = 0  # batches explained at once; 0 = every CPU this process may use
 
 
 @dataclass(frozen=True)
@@ -464,6 +465,8 @@ def _validate(s: Settings) -> None:
             f"bins={d.bins}, warn_psi={d.warn_psi}, fail_psi={d.fail_psi}"
         )
     _positive("score", chunk_rows=s.score.chunk_rows, n_reasons=s.score.n_reasons)
+    if s.score.num_threads < 0:
+        raise ParamsError(f"params: score.num_threads must be >= 0, got {s.score.num_threads}")
     if s.score.attribution not in ATTRIBUTIONS:
         raise ParamsError(
             f"params: score.attribution must be one of {ATTRIBUTIONS}, got {s.score.attribution!r}"

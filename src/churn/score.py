@@ -293,8 +293,8 @@ def _write_ranked_parts(
     as_of: date,
 ) -> None:
     """Second pass: each batch explained and finished into marketer rows with their rank,
-    written as a Parquet part. Batches are explained on every usable CPU at once, which
-    the attribution's NumPy and LightGBM work allows."""
+    written as a Parquet part. ``settings.num_threads`` batches (every usable CPU's when 0)
+    are explained at once, which the attribution's NumPy and LightGBM work allows."""
     by_row = table.sort_values("row")
     rank = by_row.index.to_numpy()
     columns = list(
@@ -326,7 +326,7 @@ def _write_ranked_parts(
 
     batches = numbered(_batches(file, columns, settings.chunk_rows))
     with progress("score: customers explained", file.metadata.num_rows) as advance:
-        for rows in map_in_threads(finish, batches, usable_cpus()):
+        for rows in map_in_threads(finish, batches, settings.num_threads or usable_cpus()):
             advance(rows)
 
 
