@@ -385,15 +385,16 @@ def run(
         )
     fitted = build_model(used, settings, spec, seed=seed, drift_bins=drift_bins)
     booster, card, valid = fitted.booster, fitted.card, fitted.valid
+    # One scratch folder beside paths.model (a failed run's is cleared): the artifacts, and
+    # the model saved from them, which replaces paths.model once the run is registered.
     staging = paths.model.parent / f".{paths.model.name}.artifacts"
+    if staging.exists():
+        shutil.rmtree(staging)
     artifacts = write_artifacts(booster, card, staging)
     example = valid[card.features].head(5).astype("float64")
     model = ChurnModel()
     signature = infer_signature(example, model_output=np.zeros(len(example)))
-    # Saved beside the artifacts first; it replaces paths.model once the run is registered.
-    saved = paths.model.parent / f".{paths.model.name}.saved"
-    if saved.exists():
-        shutil.rmtree(saved)
+    saved = staging / "saved"
     mlflow.pyfunc.save_model(
         path=str(saved),
         python_model=model,
