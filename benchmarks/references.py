@@ -29,8 +29,18 @@ def load_transactions(path: str) -> pd.DataFrame:
 
 def _orders(tx: pd.DataFrame, c: int) -> pd.DataFrame:
     lines = tx[(tx["day"] < c) & ~tx["is_return"]]
+    counted = lines["quantity"] > 0
+    lines = lines.assign(
+        units=lines["quantity"].where(counted),
+        unit_price=(lines["amount"] / lines["quantity"]).where(counted),
+    )
     orders = lines.groupby(["customer_id", "order_id"], sort=False).agg(
-        day=("day", "min"), value=("amount", "sum"), products=("product_id", "nunique")
+        day=("day", "min"),
+        value=("amount", "sum"),
+        products=("product_id", "count"),
+        lines=("units", "count"),
+        units=("units", "sum"),
+        unit_prices=("unit_price", "sum"),
     )
     return orders[orders["value"] > 0].reset_index()
 
@@ -78,6 +88,9 @@ def _order_features(orders: pd.DataFrame, c: int, settings: FeatureSettings) -> 
         g["value_year"].sum(), 1.0
     )
     out["basket_size_trend"] = g["products_recent"].mean() / g["products_before"].mean()
+    lines = g["lines"].sum().replace(0, np.nan)
+    out["mean_units_per_line"] = g["units"].sum() / lines
+    out["mean_unit_price"] = g["unit_prices"].sum() / lines
     return out
 
 
@@ -100,14 +113,11 @@ def _gap_features(orders: pd.DataFrame, c: int) -> pd.DataFrame:
 def _line_features(tx: pd.DataFrame, c: int) -> pd.DataFrame:
     lines = tx[tx["day"] < c]
     returned = lines["is_return"]
-    bought = ~returned & (lines["quantity"] > 0)
     lines = lines.assign(
         returned_value=(-lines["amount"]).where(returned, 0.0),
         return_order=lines["order_id"].where(returned),
         return_day=lines["day"].where(returned),
         kept_product=lines["product_id"].where(~returned),
-        units=lines["quantity"].where(bought),
-        unit_price=(lines["amount"] / lines["quantity"]).where(bought),
     )
     g = lines.groupby("customer_id", sort=False)
     return pd.DataFrame(
@@ -116,8 +126,6 @@ def _line_features(tx: pd.DataFrame, c: int) -> pd.DataFrame:
             "return_orders": g["return_order"].nunique(),
             "days_since_return": c - g["return_day"].max(),
             "distinct_products": g["kept_product"].nunique(),
-            "mean_units_per_line": g["units"].mean(),
-            "mean_unit_price": g["unit_price"].mean(),
         }
     )
 

@@ -138,7 +138,7 @@ def test_windows_reaching_before_the_first_day_are_unknown_not_zero():
         assert late[name] == pytest.approx(value), name
 
 
-def test_basket_size_counts_each_product_of_an_order_once():
+def test_basket_size_counts_the_product_lines_of_an_order():
     rows = [
         ("X", "O1", "2020-12-01 10:00", 5.0, "P1"),
         ("X", "O1", "2020-12-01 10:00", 5.0, "P1"),  # the same product again
@@ -149,9 +149,33 @@ def test_basket_size_counts_each_product_of_an_order_once():
     x = _snapshot(tx(rows)).loc["X"]
     assert x["frequency"] == 2
     assert x["monetary"] == 25.0
-    assert x["mean_basket_products"] == 1.5  # 2 products in O1, 1 in O2
-    assert x["basket_size_trend"] == 0.5  # O2 (recent) against O1 (121 days before)
+    assert x["mean_basket_products"] == 2.0  # 3 lines with a product in O1, 1 in O2
+    assert x["basket_size_trend"] == pytest.approx(1 / 3)  # O2 (recent) against O1 (before)
     assert x["distinct_products"] == 3
+
+
+def test_units_and_prices_count_lines_before_the_cutoff_and_any_positive_line_is_a_purchase():
+    frame = tx(
+        [
+            ("X", "O1", "2021-03-01 10:00", 20.0, "P1"),  # 2 units at 10
+            ("X", "O1", "2021-03-01 10:00", 9.0, "P2"),  # 3 units at 3
+            ("X", "O2", "2021-03-31 23:00", 8.0, "P3"),  # 4 units at 2, in an order ...
+            ("X", "O2", "2021-04-01 01:00", 100.0, "P4"),  # ... that goes on after the cutoff
+            ("Y", "O3", "2021-03-10 10:00", 10.0, "P1"),
+            ("Y", "O4", "2021-04-05 10:00", 5.0, "P1"),  # bought, in an order ...
+            ("Y", "O4", "2021-04-05 10:00", -8.0, "D"),  # ... with a discount line: worth -3
+            ("Z", "O5", "2021-03-10 10:00", 10.0, "P1"),
+            ("Z", "O6", "2021-04-05 10:00", -8.0, "D"),  # a discount line alone
+        ]
+    )
+    frame["quantity"] = [2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    frame["is_return"] = False
+    snap = _snapshot(frame)
+    x = snap.loc["X"]
+    assert x["mean_units_per_line"] == 3.0  # (2 + 3 + 4) / 3 lines before the cutoff
+    assert x["mean_unit_price"] == 5.0  # (10 + 3 + 2) / 3
+    assert x["monetary"] == 37.0
+    assert snap["churned"].to_dict() == {"X": 0, "Y": 0, "Z": 1}
 
 
 def test_rows_at_or_after_cutoff_change_labels_only(tiny_tx):

@@ -127,11 +127,15 @@ class History:
     lines before the cutoff count.
     """
 
-    orders: ir.Table  # purchase orders: first and last day, value, products (, online)
+    # Purchase orders: first and last day, value, products, purchase lines, units and unit
+    # prices, whether a line has a positive amount (, online, country).
+    orders: ir.Table
     open_lines: ir.Table  # the purchase lines of orders spanning days, with their last day
-    # Per customer and day: return value, units, prices, whether anything was bought, and
-    # the products bought and the return orders begun for the first time that day.
-    line_days: ir.Table
+    # Per customer and day with a return line: the value returned and the return orders
+    # begun that day.
+    return_days: ir.Table
+    # Per customer and day: the products bought for the first time that day.
+    product_days: ir.Table
     # Per customer, the days of its one-day purchase orders of positive value and the gap
     # since its previous such day: at a cutoff, every purchase day of a customer without a
     # longer order before it.
@@ -142,31 +146,29 @@ class History:
 
 
 def _order_totals(bought: ir.Table) -> ir.Table:
-    """One row per order of the ``bought`` lines: customer, order, first day, value,
-    distinct products (the basket size), ``online`` and ``country`` when lines have them
-    (an order has one country; the greatest when its lines disagree), and last day.
+    """One row per order of the ``bought`` lines: customer, order, first day, value, the
+    lines with a product (the basket size), the lines of positive quantity with their units
+    and summed unit prices, whether any line has a positive amount, ``online`` and
+    ``country`` when lines have them (an order has one country; the greatest when its lines
+    disagree), and last day.
 
-    Two plain group-bys, by order and product and then by order, rather than a distinct
-    count or a product list per order: engines spill both to disk, so tens of millions of
-    orders stay within DuckDB's memory limit."""
-    keys = ["customer_id", "order_id"]
-
-    def optional(t: ir.Table) -> dict[str, ir.Value]:
-        online = {"online": t.online.any()} if "online" in t.columns else {}
-        return {**online, "country": t.country.max()} if "country" in t.columns else online
-
-    p = bought.group_by(*keys, "product_id").agg(  # one row per order and product
-        first_day=bought.day.min(),
-        final_day=bought.day.max(),
+    One group-by of the lines. A product on two lines of an order counts twice: counting
+    distinct products would take a second group-by, by order and product, over every line
+    (twice the time at 100M lines)."""
+    counted = bought.quantity > 0
+    optional = {"online": bought.online.any()} if "online" in bought.columns else {}
+    if "country" in bought.columns:
+        optional["country"] = bought.country.max()
+    return bought.group_by("customer_id", "order_id").agg(
+        day=bought.day.min().cast("int32"),
         value=bought.amount.sum(),
-        **optional(bought),
-    )
-    return p.group_by(*keys).agg(
-        day=p.first_day.min().cast("int32"),
-        value=p.value.sum(),
-        products=p.product_id.count().cast("int32"),  # a line without a product: none
-        **optional(p),
-        last_day=p.final_day.max().cast("int32"),
+        products=bought.product_id.count().cast("int32"),  # a line without a product: none
+        lines=counted.cast("int32").sum().cast("int32"),
+        units=ibis.cases((counted, bought.quantity), else_=0.0).sum(),
+        unit_prices=ibis.cases((counted, bought.amount / bought.quantity), else_=0.0).sum(),
+        positive=(bought.amount > 0).any(),
+        **optional,
+        last_day=bought.day.max().cast("int32"),
     )
 
 
@@ -193,48 +195,48 @@ def history(
     # Order ids are needed no further: the table kept for the cutoffs goes without them.
     orders = materialise(con, ibis.util.gen_name("orders"), with_ids.drop("order_id"))
     release(con, named)
-    returned = lines.is_return
-    purchase = ~returned & (lines.quantity > 0)
-    line_days = lines.group_by("customer_id", "day").agg(
-        returned_value=ibis.cases((returned, -lines.amount), else_=0.0).sum(),
-        returns=returned.cast("int64").sum(),
-        bought_lines=purchase.cast("int64").sum(),
-        bought_units=ibis.cases((purchase, lines.quantity), else_=0).sum(),
-        unit_price_sum=ibis.cases((purchase, lines.amount / lines.quantity), else_=0.0).sum(),
-        purchased=(~returned & (lines.amount > 0)).any(),
+    returns = lines.filter(lines.is_return)
+    return_orders = returns.group_by("customer_id", "order_id").agg(day=returns.day.min())
+    return_days = returns.group_by("customer_id", "day").agg(returned_value=-returns.amount.sum())
+    return_days = return_days.left_join(
+        _count_per_day(return_orders, "new_return_orders"), ["customer_id", "day"]
+    ).drop("customer_id_right", "day_right")
+    return_days = return_days.mutate(
+        day=return_days.day.cast("int32"),  # day numbers fit 32 bits: half the memory
+        new_return_orders=return_days.new_return_orders.fill_null(0),
     )
     products = bought.filter(bought.product_id.notnull())
     firsts = products.group_by("customer_id", "product_id").agg(day=products.day.min())
-    returns = lines.filter(returned)
-    return_orders = returns.group_by("customer_id", "order_id").agg(day=returns.day.min())
-    for name, first in (("new_products", firsts), ("new_return_orders", return_orders)):
-        per_day = first.group_by("customer_id", "day").agg(**{name: first.count()})
-        line_days = line_days.left_join(per_day, ["customer_id", "day"])
-        line_days = line_days.drop("customer_id_right", "day_right")
-        line_days = line_days.mutate(**{name: line_days[name].fill_null(0)})
-    # Day numbers and counts fit 32 bits: half the memory of the tables kept for the cutoffs.
-    narrow = ("day", "returns", "bought_lines", "new_products", "new_return_orders")
-    line_days = line_days.mutate(**{c: line_days[c].cast("int32") for c in narrow})
-    line_days = materialise(con, ibis.util.gen_name("line_days"), line_days)
-    first_day = line_days.day.min().execute()
+    product_days = _count_per_day(firsts, "new_products")
+    product_days = product_days.mutate(day=product_days.day.cast("int32"))
+    return_days = materialise(con, ibis.util.gen_name("return_days"), return_days)
+    # Every line is in an order or a return: the first of either is the first line.
+    starts = [t.day.min().execute() for t in (orders, return_days)]
+    starts = [int(day) for day in starts if not pd.isna(day)]
     first_event_day = None if engagement is None else engagement.events.day.min().execute()
     one_day = orders.filter(orders.day == orders.last_day, orders.value > 0)
     purchase_days = _day_gaps(one_day)
     return History(
         orders=orders,
         open_lines=open_lines,
-        line_days=line_days,
+        return_days=return_days,
+        product_days=materialise(con, ibis.util.gen_name("product_days"), product_days),
         purchase_days=materialise(con, ibis.util.gen_name("purchase_days"), purchase_days),
-        first_day=None if pd.isna(first_day) else int(first_day),
+        first_day=min(starts, default=None),
         engagement=engagement,
         first_event_day=None if pd.isna(first_event_day) else int(first_event_day),
     )
 
 
+def _count_per_day(firsts: ir.Table, name: str) -> ir.Table:
+    """The rows of ``firsts`` per customer and ``day``, counted as ``name``."""
+    return firsts.group_by("customer_id", "day").agg(**{name: firsts.count().cast("int32")})
+
+
 def purchase_orders(history: History, cutoff: date) -> ir.Table:
     """One row per purchase order with lines before ``cutoff`` of positive value: customer,
-    order, the day of its first line, and the value, distinct products (the basket size)
-    and ``online`` flag of its lines before the cutoff."""
+    the day of its first line, and the :func:`_order_totals` of its lines before the
+    cutoff."""
     c = day_number(cutoff)
     orders = history.orders
     whole = orders.filter(orders.last_day < c).drop("last_day")
@@ -294,6 +296,9 @@ def order_features(
         mean_basket_products=orders.products.mean(),
         _products_recent=orders.products.mean(where=recent),
         _products_before=orders.products.mean(where=~recent),
+        _lines=orders.lines.sum(),
+        _units=orders.units.sum(),
+        _unit_prices=orders.unit_prices.sum(),
         **windowed,
     )
     # Ratios are smoothed by one order / one unit of spend so new and idle customers stay finite.
@@ -304,6 +309,8 @@ def order_features(
         spend_share_same_window_last_year=agg.spend_same_window_last_year
         / ibis.greatest(agg._spend_year, 1.0),
         basket_size_trend=agg._products_recent / agg._products_before,
+        mean_units_per_line=agg._units / agg._lines.nullif(0).cast("float64"),
+        mean_unit_price=agg._unit_prices / agg._lines.nullif(0).cast("float64"),
     ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
@@ -389,24 +396,23 @@ def purchase_day_features(history: History, orders: ir.Table, cutoff: date) -> i
     )
 
 
-def line_features(history: History, cutoff: date) -> ir.Table:
-    """Returns, product breadth, units per line and unit price from the lines before
-    ``cutoff``."""
+def return_features(history: History, cutoff: date) -> ir.Table:
+    """Value returned, return orders and days since the last return line before
+    ``cutoff``, per customer with a return before it."""
     c = day_number(cutoff)
-    days = history.line_days.filter(history.line_days.day < c)
-    agg = days.group_by("customer_id").agg(
+    days = history.return_days.filter(history.return_days.day < c)
+    return days.group_by("customer_id").agg(
         returned_value=days.returned_value.sum(),
         return_orders=days.new_return_orders.sum(),
-        days_since_return=c - days.day.max(where=days.returns > 0),
-        distinct_products=days.new_products.sum(),
-        _lines=days.bought_lines.sum(),
-        _units=days.bought_units.sum(),
-        _prices=days.unit_price_sum.sum(),
+        days_since_return=c - days.day.max(),
     )
-    bought = agg._lines.nullif(0).cast("float64")
-    return agg.mutate(
-        mean_units_per_line=agg._units / bought, mean_unit_price=agg._prices / bought
-    ).drop("_lines", "_units", "_prices")
+
+
+def product_breadth(history: History, cutoff: date) -> ir.Table:
+    """The distinct products each customer bought before ``cutoff``."""
+    c = day_number(cutoff)
+    days = history.product_days.filter(history.product_days.day < c)
+    return days.group_by("customer_id").agg(distinct_products=days.new_products.sum())
 
 
 def customer_country(orders: ir.Table) -> ir.Table:
@@ -477,7 +483,11 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
     orders = purchase_orders(history, cutoff)
     base = order_features(orders, cutoff, settings.windows_days, settings.horizon_days)
     base = base.filter(base.recency_days <= settings.active_lookback_days)
-    parts = [purchase_day_features(history, orders, cutoff), line_features(history, cutoff)]
+    parts = [
+        purchase_day_features(history, orders, cutoff),
+        return_features(history, cutoff),
+        product_breadth(history, cutoff),
+    ]
     if "country" in orders.columns:
         parts.append(customer_country(orders))
     if history.engagement is not None:
@@ -490,9 +500,14 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
         families = history.engagement.families
         counts = [f"{f}_{w}d" for f in families for w in ENGAGEMENT_WINDOWS]
         joined = joined.mutate(**{c: joined[c].fill_null(0) for c in counts})
+    # No return or product before the cutoff is a count of zero.
+    zeros = ("returned_value", "return_orders", "distinct_products")
+    joined = joined.mutate(**{c: joined[c].fill_null(0) for c in zeros})
     # The snapshot's column order is the order of the model's features: kept stable.
-    joined = joined.relocate("purchase_days", after="frequency").relocate(
-        "active_months_365d", after="season_order_share"
+    joined = (
+        joined.relocate("purchase_days", after="frequency")
+        .relocate("active_months_365d", after="season_order_share")
+        .relocate("mean_units_per_line", "mean_unit_price", after="distinct_products")
     )
     if "online_order_share" in joined.columns:
         joined = joined.relocate("online_order_share", after=joined.columns[-1])
@@ -516,11 +531,16 @@ def customer_features(history: History, cutoff: date, settings: FeatureSettings)
 
 
 def churn_labels(history: History, cutoff: date, horizon_days: int) -> ir.Table:
-    """Customers with a purchase in ``[cutoff, cutoff + horizon)``, flagged ``bought = 1``."""
-    c = day_number(cutoff)
-    days = history.line_days
-    future = days.filter(days.day >= c, days.day < c + horizon_days, days.purchased)
-    return future.select("customer_id").distinct().mutate(bought=ibis.literal(1))
+    """Customers with a purchase line of positive amount in ``[cutoff, cutoff + horizon)``,
+    flagged ``bought = 1``: a one-day order that day, or a line of an order spanning days."""
+    c, end = day_number(cutoff), day_number(cutoff) + horizon_days
+    orders, lines = history.orders, history.open_lines
+    one_day = orders.filter(
+        orders.day == orders.last_day, orders.day >= c, orders.day < end, orders.positive
+    )
+    spanning = lines.filter(lines.day >= c, lines.day < end, lines.amount > 0)
+    future = ibis.union(one_day.select("customer_id"), spanning.select("customer_id"))
+    return future.distinct().mutate(bought=ibis.literal(1))
 
 
 def season_prior(history: History, cutoff: date, settings: FeatureSettings) -> float | None:
@@ -735,12 +755,14 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
             History,
             _order_totals,
             history,
+            _count_per_day,
             purchase_orders,
             order_features,
             _day_gaps,
             unobserved_windows,
             purchase_day_features,
-            line_features,
+            return_features,
+            product_breadth,
             customer_country,
             with_home_country,
             engagement_features,
