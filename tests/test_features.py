@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 import ibis
 import numpy as np
@@ -136,6 +136,21 @@ def test_windows_reaching_before_the_first_day_are_unknown_not_zero():
     }
     for name, value in expected.items():
         assert late[name] == pytest.approx(value), name
+
+
+def test_active_months_count_the_30_day_months_with_a_purchase_in_the_year():
+    # Days before the cutoff: 400 (outside the year), 362 and 361 (month 12), 45 and 31
+    # (month 1), 29 and 1 (month 0).
+    cutoff = date(2021, 4, 1)
+    days_before = (400, 362, 361, 45, 31, 29, 1)
+    rows = [
+        ("X", f"O{k}", f"{cutoff - timedelta(days=d)} 10:00", 10.0, "P1")
+        for k, d in enumerate(days_before)
+    ]
+    assert _snapshot(tx(rows), cutoff).loc["X", "active_months_365d"] == 3
+    # One purchase day in the year, 364 days before, after one 366 days before: month 12.
+    rows = [("Y", "O1", "2020-03-31 10:00", 5.0), ("Y", "O2", "2020-04-02 10:00", 5.0)]
+    assert _snapshot(tx(rows), cutoff).loc["Y", "active_months_365d"] == 1
 
 
 def test_basket_size_counts_the_product_lines_of_an_order():

@@ -386,9 +386,14 @@ def purchase_day_features(history: History, orders: ir.Table, cutoff: date) -> i
         _day_gaps(orders.semi_join(mixed, "customer_id")),
     )
     year = days.day >= c - 365
+    # The 30-day months before the cutoff, counted without a distinct: a purchase day opens
+    # a month when the customer's previous one is in another month or before the year.
+    previous = days.day - days.gap
+    other_month = (c - days.day) // 30 != (c - previous) // 30
+    opens = days.gap.isnull() | (previous < c - 365) | other_month
     return days.group_by("customer_id").agg(
         purchase_days=days.count(),
-        active_months_365d=((c - days.day) // 30).nunique(where=year),
+        active_months_365d=days.count(where=year & opens),
         gap_mean_days=days.gap.mean(),
         gap_std_days=days.gap.std(how="pop"),
         last_gap_days=days.gap.argmax(days.day),
