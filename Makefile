@@ -46,8 +46,8 @@ screenshot: ## Render reports/retention_report.html to a PNG (needs Debian's chr
 	  file://$(CURDIR)/reports/retention_report.html
 
 lint: install ## ruff lint and format check
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+	ruff check src tests benchmarks notebooks
+	ruff format --check src tests benchmarks notebooks
 
 check: lint test ## Everything CI runs
 
