@@ -205,11 +205,11 @@ def history(
         day=return_days.day.cast("int32"),  # day numbers fit 32 bits: half the memory
         new_return_orders=return_days.new_return_orders.fill_null(0),
     )
+    return_days = materialise(con, ibis.util.gen_name("return_days"), return_days)
     products = bought.filter(bought.product_id.notnull())
     firsts = products.group_by("customer_id", "product_id").agg(day=products.day.min())
     product_days = _count_per_day(firsts, "new_products")
     product_days = product_days.mutate(day=product_days.day.cast("int32"))
-    return_days = materialise(con, ibis.util.gen_name("return_days"), return_days)
     # Every line is in an order or a return: the first of either is the first line.
     starts = [t.day.min().execute() for t in (orders, return_days)]
     starts = [int(day) for day in starts if not pd.isna(day)]
