@@ -57,6 +57,18 @@ def test_dates_and_lists_are_parsed(make_settings):
         ({"spark": {"master": " "}}, r"spark.master must name a master URL"),
         ({"spark": {"config": {"executor.memory": "8g"}}}, r"must start with 'spark.'"),
         ({"duckdb": {"memory_limit": "80%"}}, r"duckdb.memory_limit: '80%' is not a size"),
+        ({"train": {"num_leaves": 1}}, r"train.num_leaves must be >= 2, got 1"),
+        ({"train": {"lambda_l2": -1.0}}, r"train.lambda_l2 must be >= 0, got -1.0"),
+        ({"train": {"bagging_freq": -1}}, r"train.bagging_freq must be >= 0, got -1"),
+        ({"evaluate": {"calibration_bins": 0}}, r"evaluate.calibration_bins must be > 0"),
+        (
+            {"score": {"risk_tiers": {"high": 0.4, "medium": 0.7}}},
+            r"score.risk_tiers.high \(0.4\) must be above score.risk_tiers.medium \(0.7\)",
+        ),
+        (
+            {"actions": {"value_bands": {"high": 0.5, "medium": 0.8}}},
+            r"actions.value_bands.high \(0.5\) must be above",
+        ),
     ],
     ids=[
         "zero-horizon",
@@ -75,6 +87,12 @@ def test_dates_and_lists_are_parsed(make_settings):
         "spark-master",
         "spark-config",
         "duckdb-memory",
+        "one-leaf",
+        "negative-l2",
+        "bagging-freq",
+        "no-bins",
+        "tiers-swapped",
+        "bands-swapped",
     ],
 )
 def test_bad_params_are_named(make_settings, overrides, message):

@@ -443,7 +443,9 @@ def _validate(s: Settings) -> None:
         max_rows=t.max_rows,
         tune_rows=t.tune_rows,
     )
-    for name in ("n_trials", "num_threads"):
+    if t.num_leaves < 2:
+        raise ParamsError(f"params: train.num_leaves must be >= 2, got {t.num_leaves}")
+    for name in ("n_trials", "num_threads", "min_child_samples", "bagging_freq", "lambda_l2"):
         if getattr(t, name) < 0:
             raise ParamsError(f"params: train.{name} must be >= 0, got {getattr(t, name)}")
     for name in ("feature_fraction", "bagging_fraction"):
@@ -453,6 +455,7 @@ def _validate(s: Settings) -> None:
     for name in ("top_fraction", "capture_fraction"):
         if not 0 < getattr(e, name) < 1:
             raise ParamsError(f"params: evaluate.{name} must be in (0, 1), got {getattr(e, name)}")
+    _positive("evaluate", calibration_bins=e.calibration_bins)
     if s.gate.max_auc_drop < 0 or not 0 < s.gate.max_ece <= 1:
         raise ParamsError(
             f"params: gate.max_auc_drop must be >= 0 and gate.max_ece in (0, 1], "
@@ -482,6 +485,18 @@ def _validate(s: Settings) -> None:
     if not tiers or any(not 0 < v < 1 for v in tiers.values()):
         raise ParamsError(
             f"params: score.risk_tiers must map tier names to thresholds in (0, 1), got {tiers}"
+        )
+    _ranked("score.risk_tiers", tiers)
+    _ranked("actions.value_bands", s.actions.value_bands)
+
+
+def _ranked(key: str, thresholds: dict[str, float]) -> None:
+    """A ``high`` threshold must lie above a ``medium`` one: swapped, the list would call
+    the riskiest or most valuable customers medium."""
+    if {"high", "medium"} <= set(thresholds) and thresholds["high"] <= thresholds["medium"]:
+        raise ParamsError(
+            f"params: {key}.high ({thresholds['high']}) must be above {key}.medium "
+            f"({thresholds['medium']})"
         )
 
 
