@@ -231,6 +231,42 @@ def test_json_logs_and_bad_input_exit_code(pipeline, tmp_path):
     )
 
 
+def test_an_export_given_as_transactions_is_named_not_read(pipeline, tmp_path):
+    export = tmp_path / "export.csv"
+    export.write_text("Customer ID,InvoiceDate\n1,2011-01-01\n")
+    model = ("--model", "models:/churn@champion")
+    bad = churn(pipeline, "score", *model, "--transactions", str(export))
+    assert bad.returncode == 2
+    assert "export.csv: not a Parquet file (expected the canonical table" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("stage", "missing", "earlier"),
+    [
+        ("features", "data/interim/transactions.parquet", "ingest"),
+        ("train", "data/features/train.parquet", "features"),
+        ("evaluate", "data/features/train.parquet", "features"),
+        ("score", "models/churn_model", "train"),
+        ("report", "data/scored/retention_list.csv", "score"),
+    ],
+)
+def test_a_stage_run_before_the_one_it_reads_from_says_which(tmp_path, stage, missing, earlier):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    done = subprocess.run(
+        [sys.executable, "-m", "churn", "--params", str(params), stage],
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().endswith(
+        f"{tmp_path / missing}: not found; run `churn {earlier}` first (or `dvc repro`)"
+    )
+
+
 def test_readme_production_script_runs_verbatim(pipeline, tmp_path):
     readme = (ROOT / "README.md").read_text()
     script = re.search(r"<!-- weekly-score.sh -->\s*```bash\n(.*?)```", readme, re.S)

@@ -73,6 +73,13 @@ def _settings():
     return load_settings(state.params)
 
 
+def _require(stage: str, *paths: Path) -> None:
+    """Stop with one line when a file that ``churn STAGE`` writes is missing."""
+    for path in paths:
+        if not path.exists():
+            raise ChurnError(f"{path}: not found; run `churn {stage}` first (or `dvc repro`)")
+
+
 def _tracking(settings) -> None:
     """Point MLflow at ``MLFLOW_TRACKING_URI``, else params, else ``mlflow.db`` beside params."""
     import mlflow
@@ -112,6 +119,7 @@ def features() -> None:
     from churn import features as stage
 
     settings = _settings()
+    _require("ingest", settings.paths.transactions, settings.paths.events)
     s = stage.run(
         settings.features,
         settings.paths,
@@ -133,6 +141,8 @@ def train() -> None:
     from churn import train as stage
 
     settings = _settings()
+    snapshots = settings.paths.features
+    _require("features", snapshots / "train.parquet", snapshots / "spec.json")
     _tracking(settings)
     s = stage.run(
         settings.train,
@@ -156,6 +166,9 @@ def evaluate() -> None:
     from churn import evaluate as stage
 
     settings = _settings()
+    snapshots = settings.paths.features
+    _require("features", snapshots / "train.parquet", snapshots / "test.parquet")
+    _require("train", settings.paths.model, settings.paths.model_info)
     _tracking(settings)
     s = stage.run(
         settings.evaluate,
@@ -225,8 +238,15 @@ def score(
     from churn.model import load_model
 
     settings = _settings()
-    if model is not None:
+    if model is None:
+        _require("train", settings.paths.model, settings.paths.model_info)
+    else:
         _tracking(settings)
+    if transactions is None:
+        snapshots = settings.paths.features
+        _require("features", snapshots / "score.parquet", snapshots / "spec.json")
+    else:
+        stage.require_canonical(transactions, events)
     uri = model or str(settings.paths.model)
     churn_model = load_model(uri)
     if model is None:
@@ -287,6 +307,8 @@ def report() -> None:
     from churn import report as stage
 
     settings = _settings()
+    _require("score", settings.paths.retention_list, settings.paths.campaign_report)
+    _require("evaluate", settings.paths.metrics, settings.paths.plots / "gains.csv")
     s = stage.run(settings.paths)
     log.info("report: %s (%d customers, value at risk %.0f)", s.path, s.customers, s.value_at_risk)
 

@@ -139,6 +139,23 @@ def for_marketers(table: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
     return out
 
 
+def require_canonical(*paths: Path | None) -> None:
+    """Stop unless each path given is a Parquet file, as ``churn ingest`` writes them."""
+    for path in paths:
+        if path is None:
+            continue
+        if not path.is_file():
+            raise InputError(
+                f"{path}: file not found (expected a Parquet file `churn ingest` writes)"
+            )
+        with path.open("rb") as stream:
+            if stream.read(4) != b"PAR1":
+                raise InputError(
+                    f"{path}: not a Parquet file (expected the canonical table `churn ingest` "
+                    "writes from an export, not the export itself)"
+                )
+
+
 def scoring_snapshot(
     transactions: Path,
     as_of: date,
@@ -150,11 +167,7 @@ def scoring_snapshot(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Features of every customer active at ``as_of`` from canonical transaction (and event)
     files, with the spec they were built to; row-level work runs on ``engine``."""
-    for path in (transactions, events):
-        if path is not None and not path.is_file():
-            raise InputError(
-                f"{path}: file not found (expected a Parquet file `churn ingest` writes)"
-            )
+    require_canonical(transactions, events)
     con = connect(engine)
     tx = with_day(con.read_parquet(transactions))
     engagement = load_engagement(con, events, families) if events else None
