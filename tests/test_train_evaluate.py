@@ -136,6 +136,35 @@ def test_weaker_model_does_not_replace_champion(pipeline, tmp_path):
     )
 
 
+def test_model_of_another_horizon_neither_compared_with_nor_replacing_champion(pipeline, tmp_path):
+    s = pipeline.settings
+    paths = dataclasses.replace(
+        s.paths,
+        features=tmp_path / "features",
+        model=tmp_path / "model",
+        model_info=tmp_path / "info.json",
+        metrics=tmp_path / "metrics.json",
+        gate_report=tmp_path / "gate.json",
+        plots=tmp_path / "plots",
+    )
+    shorter = dataclasses.replace(s.features, horizon_days=60)
+    features.run(shorter, paths)
+    other = train.run(dataclasses.replace(s.train, n_trials=0), s.mlflow, paths, seed=s.seed)
+    outcome = evaluate.run(
+        s.evaluate, s.gate, s.mlflow, paths, horizon_days=60, btyd_fit_customers=50_000
+    )
+    assert not outcome.promoted
+    gate = json.loads(paths.gate_report.read_text())
+    assert gate["reasons"][0] == (
+        f"champion {pipeline.model_version} was built to another contract (horizon: model 90 "
+        f"days, params 60 days): kept; `churn promote {other.model_version}` makes this model "
+        "champion"
+    )
+    assert "roc_auc" not in gate["champion"]  # not scored against 60-day labels
+    champion = mlflow.MlflowClient().get_model_version_by_alias("churn", "champion")
+    assert str(champion.version) == pipeline.model_version
+
+
 @pytest.mark.parametrize(
     ("challenger", "champion", "promoted", "reason"),
     [

@@ -168,12 +168,14 @@ def run(
     }
     scores = evaluation(y_true, scorers, settings)
     info = json.loads(paths.model_info.read_text())
+    spec = json.loads((paths.features / "spec.json").read_text())
     gate_report = _gate(
         tracking.registered_model,
         info["model_version"],
         scores["model"],
         test,
         y_true,
+        spec,
         settings,
         gate,
     )
@@ -211,22 +213,44 @@ def _gate(
     challenger: dict[str, float],
     test: pd.DataFrame,
     y_true: np.ndarray,
+    spec: dict[str, Any],
     settings: EvaluateSettings,
     gate: GateSettings,
 ) -> dict[str, Any]:
-    """Score the champion on the same test snapshot, decide, and move the alias if allowed."""
+    """Score the champion on the same test snapshot, decide, and move the alias if allowed.
+
+    A champion built to another contract (horizon, feature definitions) is neither compared
+    nor replaced: its probabilities answer another question, and scoring jobs built to it
+    would stop. Moving production to the new contract is a decision: ``churn promote``.
+    """
     current = version_by_alias(name, CHAMPION)
-    champion, notes = None, []
+    champion, notes, replaceable = None, [], True
     if current is not None and str(current.version) != version:
         try:
             incumbent = load_model(f"models:/{name}@{CHAMPION}")
-            incumbent.matrix(test)  # the champion must be able to score this snapshot
-            champion = evaluation(y_true, {"c": incumbent.predict_proba(test)}, settings)["c"]
         except ModelError as exc:
-            # A champion that cannot score today's snapshot cannot be compared: only the
-            # challenger's own checks decide, and the report says why.
+            # A champion that cannot be loaded cannot be compared: only the challenger's
+            # own checks decide, and the report says why.
             notes.append(f"champion {current.version} not compared: {exc}")
+        else:
+            problems = incumbent.contract_problems(
+                feature_hash=spec["feature_hash"],
+                horizon_days=spec["horizon_days"],
+                columns=list(test.columns),
+            )
+            if problems:
+                replaceable = False
+                notes.append(
+                    f"champion {current.version} was built to another contract "
+                    f"({'; '.join(problems)}): kept; `churn promote {version}` makes this "
+                    "model champion"
+                )
+            else:
+                scores = {"c": incumbent.predict_proba(test)}
+                champion = evaluation(y_true, scores, settings)["c"]
     promoted, reasons = gate_decision(challenger, champion, gate)
+    if not replaceable:
+        promoted, reasons = False, [r for r in reasons if r != "no champion to compare with"]
     reasons = notes + reasons
     if promoted:
         promote(name, version)

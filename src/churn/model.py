@@ -470,10 +470,18 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         """Drift profiles of the validation snapshot (features and ``churn_probability``)."""
         return self._card.reference
 
+    def contract_problems(
+        self, *, feature_hash: str, horizon_days: int, columns: list[str]
+    ) -> list[str]:
+        """Every difference between the model's contract and a snapshot's (none: it fits)."""
+        return contract_problems(
+            self._card, feature_hash=feature_hash, horizon_days=horizon_days, columns=columns
+        )
+
     def check_contract(self, *, feature_hash: str, horizon_days: int, columns: list[str]) -> None:
         """Raise :class:`ModelError` naming every difference from the model's contract."""
-        problems = contract_problems(
-            self._card, feature_hash=feature_hash, horizon_days=horizon_days, columns=columns
+        problems = self.contract_problems(
+            feature_hash=feature_hash, horizon_days=horizon_days, columns=columns
         )
         if problems:
             raise ModelError(
