@@ -94,6 +94,14 @@ def test_model_is_registered_with_aliases_and_logged(pipeline):
     pd.testing.assert_series_equal(
         pd.Series(registered.predict_proba(test)), pd.Series(local.predict_proba(test))
     )
+    # Through MLflow's own interface, on a snapshot as the features stage writes it: its
+    # counts pass the signature and its season prior is not dropped (the 2011-12-10 prior
+    # differs from the validation one, so dropping it would change the probabilities).
+    snapshot = pd.read_parquet(pipeline.settings.paths.features / "score.parquet")
+    assert snapshot["season_prior"].notna().all()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/churn/{pipeline.model_version}")
+    np.testing.assert_allclose(pyfunc.predict(snapshot), local.predict_proba(snapshot))
+    assert not np.allclose(local.predict_proba(snapshot), local.validation_season_proba(snapshot))
     # The requirements are inferred once and are the same in both copies.
     needs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/churn/{pipeline.model_version}"))
     saved = (pipeline.settings.paths.model / "requirements.txt").read_text()

@@ -737,14 +737,16 @@ def snapshot_frame(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """An :func:`executed_snapshot` as a pandas frame with RFM scores and BTYD features;
     also return the BTYD fit report per cutoff. A column without a value at all comes out
-    as float64 NaN. ``table`` is consumed: its buffers are freed as they are converted."""
+    as float64 NaN; counts without a gap as 32-bit integers, which MLflow's signatures take
+    as doubles. ``table`` is consumed: its buffers are freed as they are converted."""
     frame = rfm_scores(table.to_pandas(split_blocks=True, self_destruct=True))
     parts, fits = [], {}
     for cutoff, rows in frame.groupby("cutoff", sort=True):
         part, fits[str(cutoff)] = btyd_features(rows, settings, cutoff)
         parts.append(part)
     columns = pd.concat(parts) if parts else pd.DataFrame(columns=[*BTYD_COLUMNS, "clv_12m"])
-    return frame.assign(**columns.round(9)), fits
+    frame = frame.assign(**columns.round(9))
+    return frame.astype(dict.fromkeys(frame.select_dtypes("int64").columns, "int32")), fits
 
 
 def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> dict[str, Any]:

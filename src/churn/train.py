@@ -26,7 +26,8 @@ import optuna
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
 
@@ -391,9 +392,9 @@ def run(
     if staging.exists():
         shutil.rmtree(staging)
     artifacts = write_artifacts(booster, card, staging)
-    example = valid[card.features].head(5).astype("float64")
+    example = valid[model_inputs(card)].head(5).astype("float64")
     model = ChurnModel()
-    signature = infer_signature(example, model_output=np.zeros(len(example)))
+    signature = input_signature(card)
     saved = staging / "saved"
     mlflow.pyfunc.save_model(
         path=str(saved),
@@ -496,6 +497,22 @@ def use_experiment(tracking: MlflowSettings) -> None:
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
         mlflow.create_experiment(tracking.experiment, artifact_location=location)
     mlflow.set_experiment(tracking.experiment)
+
+
+def model_inputs(card: ModelCard) -> list[str]:
+    """The snapshot columns the model reads: its features and, when it moves probabilities
+    to the season of each cutoff, ``season_prior``."""
+    return [*card.features, *(["season_prior"] if card.season_prior is not None else [])]
+
+
+def input_signature(card: ModelCard) -> ModelSignature:
+    """The MLflow signature of the model: every input a double (a count arrives as an
+    integer, a count with a gap as a float; MLflow converts 32-bit integers, which snapshots
+    hold), ``season_prior`` optional; the output a probability."""
+    inputs = [ColSpec("double", name) for name in card.features]
+    if card.season_prior is not None:
+        inputs.append(ColSpec("double", "season_prior", required=False))
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double")]))
 
 
 def _validation_prior(valid: pd.DataFrame) -> float | None:
