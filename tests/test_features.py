@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, timedelta
 
 import ibis
@@ -573,3 +574,16 @@ def test_the_orders_of_a_large_history_spill_within_duckdb_memory_limit():
     )
     assert (summary.n, summary.products, summary.most) == (300_000, 3, 3)
     assert summary.value == pytest.approx(1_350_000.0)
+
+
+@pytest.mark.slow
+def test_snapshots_are_byte_identical_from_run_to_run(pipeline, tmp_path):
+    """DVC skips the stages after features only when its files are unchanged: the engine's
+    thread schedule must not reach the bytes (unit prices were a float sum)."""
+    from churn import features
+
+    s = pipeline.settings
+    again = dataclasses.replace(s.paths, features=tmp_path / "features")
+    features.run(s.features, again)
+    for name in ("train.parquet", "test.parquet", "score.parquet", "spec.json"):
+        assert (again.features / name).read_bytes() == (s.paths.features / name).read_bytes()

@@ -34,6 +34,7 @@ EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
 LABEL = "churned"
 TREND_DAYS = 90
+PRICE_UNITS = 1_000_000  # unit prices are summed in millionths of the currency
 ENGAGEMENT_WINDOWS = (30, 90)
 MIN_BTYD_BUYERS = 10  # repeat buyers a snapshot needs before BTYD models are fitted to it
 # BG/NBD's P(alive) is left out: it is exactly 1 for every one-time buyer, so its
@@ -148,9 +149,9 @@ class History:
 def _order_totals(bought: ir.Table) -> ir.Table:
     """One row per order of the ``bought`` lines: customer, order, first day, value, the
     lines with a product (the basket size), the lines of positive quantity with their units
-    and summed unit prices, whether any line has a positive amount, ``online`` and
-    ``country`` when lines have them (an order has one country; the greatest when its lines
-    disagree), and last day.
+    and summed unit prices (in ``PRICE_UNITS``), whether any line has a positive amount,
+    ``online`` and ``country`` when lines have them (an order has one country; the greatest
+    when its lines disagree), and last day.
 
     One group-by of the lines. A product on two lines of an order counts twice: counting
     distinct products would take a second group-by, by order and product, over every line
@@ -165,7 +166,12 @@ def _order_totals(bought: ir.Table) -> ir.Table:
         products=bought.product_id.count().cast("int32"),  # a line without a product: none
         lines=counted.cast("int32").sum().cast("int32"),
         units=ibis.cases((counted, bought.quantity), else_=0.0).sum(),
-        unit_prices=ibis.cases((counted, bought.amount / bought.quantity), else_=0.0).sum(),
+        # In millionths, summed as integers: a float sum's last bits follow the engine's
+        # thread schedule, and rounding the mean would then differ from run to run.
+        unit_prices=ibis.cases(
+            (counted, (bought.amount / bought.quantity * PRICE_UNITS).round().cast("int64")),
+            else_=0,
+        ).sum(),
         positive=(bought.amount > 0).any(),
         **optional,
         last_day=bought.day.max(),
@@ -308,7 +314,7 @@ def order_features(
         / ibis.greatest(agg._spend_year, 1.0),
         basket_size_trend=agg._products_recent / agg._products_before,
         mean_units_per_line=agg._units / agg._lines.nullif(0).cast("float64"),
-        mean_unit_price=agg._unit_prices / agg._lines.nullif(0).cast("float64"),
+        mean_unit_price=agg._unit_prices / agg._lines.nullif(0).cast("float64") / PRICE_UNITS,
     ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
