@@ -38,7 +38,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 def _init_repo(root: Path, params: dict) -> dict[str, str]:
     """Make ``root`` a committed git + DVC repository with the project's pipeline, ``params``
     as its params.yaml and its data already in place; return the environment to run it in."""
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
@@ -136,6 +136,22 @@ def test_param_change_reruns_exactly_the_dependent_stages(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run(["dvc", "status", "--json"], root, env))
     assert set(status) == {"features", "evaluate", "score"}
+    _run(["git", "checkout", "params.yaml"], root, env)
+
+
+def test_a_new_scoring_date_scores_again_without_retraining(repo):
+    root, env = repo
+    _run(["dvc", "repro"], root, env)  # up to date whatever the tests before left
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["features"]["as_of"] = "2011-11-01"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = _run(["dvc", "repro"], root, env)
+    for unchanged in ("train", "evaluate"):
+        assert f"Stage '{unchanged}' didn't change, skipping" in done
+    assert "Running stage 'score'" in done
+    scored = pd.read_csv(root / "data/scored/retention_list.csv", usecols=["as_of"])
+    assert (scored["as_of"] == "2011-11-01").all()
+    _run(["git", "checkout", "params.yaml"], root, env)
 
 
 # --- synthetic data with engagement events and known churn times --------------------------

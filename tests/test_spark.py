@@ -212,7 +212,7 @@ def test_scoring_snapshot_on_spark_equals_duckdb(both_engines):
     spec = json.loads((duck / "spec.json").read_text())
     frame, scoring_spec = score.scoring_snapshot(
         settings.paths.transactions,
-        date.fromisoformat(spec["as_of"]),
+        date.fromisoformat(json.loads((duck / "scoring.json").read_text())["as_of"]),
         settings.features,
         engine=settings.backend,
     )

@@ -870,14 +870,18 @@ def run(
                 f"the {' and '.join(empty)} snapshot(s) have no active customers; check "
                 "features.active_lookback_days and the cutoffs"
             )
+    # What the model is trained to (the stages after train read it), apart from the
+    # scoring date: a new as_of must not make DVC retrain.
+    trained = [str(c) for c in (*plan.train, plan.test)]
     write_json(
         {
             **feature_spec(settings, engagement.families if engagement else ()),
-            "train_cutoffs": [str(c) for c in plan.train],
-            "test_cutoff": str(plan.test),
-            "as_of": str(plan.as_of),
-            "btyd_fits": fits,
+            "train_cutoffs": trained[:-1],
+            "test_cutoff": trained[-1],
+            "btyd_fits": {cutoff: fits[cutoff] for cutoff in trained if cutoff in fits},
         },
         paths.features / "spec.json",
     )
+    scoring = {"as_of": str(plan.as_of), "btyd_fit": fits.get(str(plan.as_of))}
+    write_json(scoring, paths.features / "scoring.json")
     return FeaturesSummary(plan=plan, rows=rows)
