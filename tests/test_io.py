@@ -15,6 +15,7 @@ from churn.config import DuckDBSettings, Engine
 from churn.io import (
     WHITESPACE,
     connect,
+    engine_cause,
     map_in_threads,
     parquet_parts,
     read_ahead,
@@ -156,3 +157,53 @@ def test_map_in_threads_raises_an_error_where_its_result_is_taken():
         taken.extend(map_in_threads(fails_on_two, range(100), workers=2))
     assert taken == [0, 1]
     assert list(map_in_threads(fails_on_two, [5, 6], workers=1)) == [5, 6]
+
+
+HEADER = "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n"
+LINE = "1,13085,2021-01-01 10:00:00,2,3.0,P1,{country}\n"
+
+
+def test_unreadable_csv_keeps_the_engines_cause_and_names_the_settings(tmp_path):
+    export = tmp_path / "orders.csv"
+    export.write_bytes((HEADER + LINE.format(country="caf\xe9")).encode("latin-1"))
+    with pytest.raises(ChurnError) as raised:
+        read_table(connect(), export, "csv", delimiter=";", section="data.events")
+    message = str(raised.value)
+    assert message.startswith(f"{export}: cannot read as csv: ")
+    assert "This file is not utf-8 encoded" in message
+    assert "data.events.csv_delimiter (now ';') and data.events.csv_encoding (now 'utf-8')" in (
+        message
+    )
+    assert "ignore_errors" not in message  # DuckDB's advice on its own options
+    assert "\n" not in message
+
+
+def test_engine_cause_keeps_the_problem_and_drops_the_engines_advice():
+    duckdb_message = (
+        "Invalid Input Error: CSV Error on Line: 25000\n"
+        "Original Line: 99,1,2011-01-01 10:00:00,1,2.5,P1,UK,x,y\n"
+        "Expected Number of Columns: 8 Found: 9\n"
+        "Possible fixes:\n"
+        "* Disable the parser's strict mode (strict_mode=false) to allow reading rows\n"
+        "* Enable ignore errors (ignore_errors=true) to skip this row\n"
+        "\n"
+        "  file = /data/in/orders.csv\n"
+        "  delimiter = , (Set By User)\n"
+    )
+    assert engine_cause(duckdb_message) == (
+        "Invalid Input Error: CSV Error on Line: 25000; "
+        "Original Line: 99,1,2011-01-01 10:00:00,1,2.5,P1,UK,x,y; "
+        "Expected Number of Columns: 8 Found: 9"
+    )
+    spark_message = (
+        "An error occurred while calling o234.collectToPython.\n"
+        ": org.apache.spark.SparkException: Encountered error while reading file x.csv.\n"
+        "\tat org.apache.spark.sql.errors.QueryExecutionErrors$.cannotReadFilesError\n"
+        "Caused by: org.apache.spark.SparkException: Malformed records are detected.\n"
+        "Parse Mode: FAILFAST. To process malformed records as null result, try PERMISSIVE.\n"
+        "\t... 18 more\n"
+    )
+    assert engine_cause(spark_message) == (
+        "org.apache.spark.SparkException: Encountered error while reading file x.csv.; "
+        "org.apache.spark.SparkException: Malformed records are detected."
+    )

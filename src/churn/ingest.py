@@ -407,7 +407,12 @@ def _read_unique(
     for path in files:
         fmt = file_format(path, source.format)
         table = read_table(
-            con, path, fmt, delimiter=source.csv_delimiter, encoding=source.csv_encoding
+            con,
+            path,
+            fmt,
+            delimiter=source.csv_delimiter,
+            encoding=source.csv_encoding,
+            section=section,
         )
         kinds.add((fmt, table.schema()))
         per_file[_display(path)] = int(table.count().execute())

@@ -166,9 +166,22 @@ def file_format(path: Path, declared: str) -> str:
 
 
 def read_table(
-    con: ibis.BaseBackend, path: Path, fmt: str, *, delimiter: str = ",", encoding: str = "utf-8"
+    con: ibis.BaseBackend,
+    path: Path,
+    fmt: str,
+    *,
+    delimiter: str = ",",
+    encoding: str = "utf-8",
+    section: str = "data.transactions",
 ) -> ir.Table:
-    """Open one export lazily; CSV columns arrive as text and are parsed by the caller."""
+    """Open one export lazily; CSV columns arrive as text and are parsed by the caller.
+
+    Raises
+    ------
+    InputError
+        When the engine cannot open the file; the message gives the engine's cause and, for a
+        CSV, the delimiter and encoding in use.
+    """
     try:
         if fmt == "parquet":
             return con.read_parquet(path)
@@ -185,7 +198,42 @@ def read_table(
         frame = pd.read_excel(path, dtype=str)
         return materialise(con, f"excel_{abs(hash(path))}", ibis.memtable(frame))
     except Exception as exc:  # the engines raise many types; the user needs file + reason
-        raise InputError(f"{path}: cannot read as {fmt}: {str(exc).splitlines()[0]}") from exc
+        hint = f"; {csv_hint(section, delimiter, encoding)}" if fmt == "csv" else ""
+        raise InputError(f"{path}: cannot read as {fmt}: {engine_cause(str(exc))}{hint}") from exc
+
+
+def csv_hint(section: str, delimiter: str, encoding: str) -> str:
+    """What to check in params.yaml when a CSV export does not read."""
+    return (
+        f"check {section}.csv_delimiter (now {delimiter!r}) and {section}.csv_encoding "
+        f"(now {encoding!r}) in params.yaml"
+    )
+
+
+# Lines of an engine's message that advise on the engine's own reader options
+# (DuckDB's ignore_errors, strict_mode...; Spark's parse mode), not on the export.
+ENGINE_ADVICE = ("Possible fix", "Possible Solution", "* ", "Parse Mode:")
+
+
+def engine_cause(message: str) -> str:
+    """The problem an engine's error message describes, on one line: DuckDB's lines up to
+    the first blank one (the file, the line and what is wrong with it), Spark's exception
+    and its causes without the stack frames; advice on the engine's options left out.
+
+    >>> engine_cause("CSV Error on Line: 3\\nPossible fixes:\\n* ignore_errors\\n\\nfile = a")
+    'CSV Error on Line: 3'
+    """
+    kept: list[str] = []
+    for line in message.strip().splitlines():
+        text = line.strip()
+        if not text:
+            if kept:
+                break
+            continue
+        if text.startswith(("at ", "... ", "An error occurred while calling", *ENGINE_ADVICE)):
+            continue
+        kept.append(text.removeprefix(": ").removeprefix("Caused by: "))
+    return "; ".join(kept)
 
 
 def _read_whitespace_separated(con: ibis.BaseBackend, path: Path, encoding: str) -> ir.Table:
