@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import ibis
@@ -533,3 +534,57 @@ def test_without_order_ids_no_return_is_matched(tmp_path, make_settings):
     assert kept["is_return"].sum() == 5  # negative quantities
     report = json.loads(settings.paths.ingest_report.read_text())
     assert report["returns"] == {"lines": 5, "matched": 0, "unmatched": 5}
+
+
+# --- exports the engine reads lazily ------------------------------------------------------
+
+
+def _long_export(path: Path, bad_line: str) -> None:
+    """A header and 30,000 good lines, line 25,000 (past DuckDB's 20,480-line sniff
+    sample) replaced by ``bad_line``; written as latin-1."""
+    lines = [f"{k},{k % 50},2021-01-01 10:00:00,1,2.5,P1,UK\n" for k in range(30_000)]
+    lines[24_998] = bad_line
+    header = "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n"
+    path.write_bytes((header + "".join(lines)).encode("latin-1"))
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "cause"),
+    [
+        (
+            "99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra\n",
+            r"Original Line: 99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra; "
+            r"Expected Number of Columns: 7 Found: 8",
+        ),
+        ("99,1,2021-01-01 10:00:00,1,2.5,P1,caf\xe9\n", r"This file is not utf-8 encoded"),
+    ],
+    ids=["extra-field", "latin-1-byte"],
+)
+def test_a_bad_line_past_the_sniff_sample_names_the_file_and_the_cause(
+    tmp_path, make_settings, bad_line, cause
+):
+    (tmp_path / "a.csv").write_text(MESSY.replace(";", ","))
+    _long_export(tmp_path / "b.csv", bad_line)
+    settings = make_settings(data={"transactions": {"path": str(tmp_path / "*.csv")}})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'b.csv'}: cannot read: ")
+    assert re.search(r"CSV Error on Line: 25000; .*" + cause, message)
+    assert message.endswith(
+        "check data.transactions.csv_delimiter (now ',') and data.transactions.csv_encoding "
+        "(now 'utf-8') in params.yaml"
+    )
+    assert "ignore_errors" not in message
+    assert not settings.paths.transactions.exists()
+
+
+def test_the_same_long_export_reads_with_its_encoding(tmp_path, make_settings):
+    _long_export(tmp_path / "b.csv", "late,1,2021-01-01 10:00:00,1,2.5,P1,caf\xe9\n")
+    settings = make_settings(
+        data={"transactions": {"path": str(tmp_path / "b.csv"), "csv_encoding": "latin-1"}}
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_read, summary.rows_kept) == (30_000, 30_000)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert kept.loc[kept["order_id"] == "late", "country"].tolist() == ["café"]

@@ -44,11 +44,13 @@ from churn.config import (
 from churn.io import (
     InputError,
     connect,
+    csv_hint,
     expand_inputs,
     file_format,
     is_spark,
     materialise,
     read_table,
+    reading,
     write_json,
     write_parquet,
 )
@@ -415,7 +417,8 @@ def _read_unique(
             section=section,
         )
         kinds.add((fmt, table.schema()))
-        per_file[_display(path)] = int(table.count().execute())
+        with reading(con, [path], hint=_read_hint(source, [path], section=section)):
+            per_file[_display(path)] = int(table.count().execute())
         frames.append(source_lines(table, source.columns, path=path, names=names, section=section))
     if sum(per_file.values()) == 0:
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
@@ -436,6 +439,13 @@ def _read_unique(
     return unique, per_file, files
 
 
+def _read_hint(source: TransactionSource | EventSource, files: list[Path], *, section: str) -> str:
+    """What to check when the engine cannot read ``files`` of ``source``."""
+    if any(file_format(path, source.format) == "csv" for path in files):
+        return csv_hint(section, source.csv_delimiter, source.csv_encoding)
+    return f"re-export the file, or leave it out of {section}.path in params.yaml"
+
+
 def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> IngestSummary:
     """Read the exports, deduplicate, parse, quarantine, and write tables, rejects and report.
 
@@ -454,9 +464,12 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         return_order_prefix=source.return_order_prefix,
         currency_rates=rates,
     )
-    parsed = materialise(con, "parsed_lines", sources_of_rejects(parsed))
     reasons = (*REJECT_REASONS, *CURRENCY_REASONS) if rates else REJECT_REASONS
-    summary = _summarise(parsed, per_file=per_file, reasons=reasons)
+    # The first queries over every line: where a lazy engine meets a bad line (Spark fills
+    # its cache when the summary reads it).
+    with reading(con, files, hint=_read_hint(source, files, section="data.transactions")):
+        parsed = materialise(con, "parsed_lines", sources_of_rejects(parsed))
+        summary = _summarise(parsed, per_file=per_file, reasons=reasons)
     _check_usable(
         parsed, summary, files=files, ts_format=source.ts_format, section="data.transactions"
     )
@@ -507,8 +520,9 @@ def _ingest_events(
     con = connect(engine, timezone=source.timezone)
     unique, per_file, files = _read_unique(con, source, names=EVENT_COLUMNS, section="data.events")
     parsed = parse_events(unique, ts_format=source.ts_format, families=source.families)
-    parsed = materialise(con, "parsed_events", sources_of_rejects(parsed))
-    summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
+    with reading(con, files, hint=_read_hint(source, files, section="data.events")):
+        parsed = materialise(con, "parsed_events", sources_of_rejects(parsed))
+        summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
     _check_usable(parsed, summary, files=files, ts_format=source.ts_format, section="data.events")
     kept = parsed.filter(parsed.reason.isnull()).select(
         "customer_id", "ts", "event_type", "family", "value"

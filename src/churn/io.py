@@ -8,14 +8,16 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+import duckdb
 import ibis
 import pandas as pd
 import pyarrow as pa
@@ -188,8 +190,15 @@ def read_table(
         if fmt == "csv" and delimiter == WHITESPACE:
             return _read_whitespace_separated(con, path, encoding)
         if fmt == "csv" and is_spark(con):
+            # FAILFAST: a line with a field too many or too few stops the read, as on DuckDB,
+            # where Spark's default mode would drop the extra field or pad with nulls.
             return con.read_csv(
-                str(path), sep=delimiter, encoding=encoding, inferSchema=False, header=True
+                str(path),
+                sep=delimiter,
+                encoding=encoding,
+                inferSchema=False,
+                header=True,
+                mode="FAILFAST",
             )
         if fmt == "csv":
             return con.read_csv(
@@ -234,6 +243,49 @@ def engine_cause(message: str) -> str:
             continue
         kept.append(text.removeprefix(": ").removeprefix("Caused by: "))
     return "; ".join(kept)
+
+
+def read_errors(con: ibis.BaseBackend) -> tuple[type[Exception], ...]:
+    """The exception types ``con``'s engine raises for a file whose data it cannot read:
+    DuckDB's invalid-input, I/O and internal errors, or a failed Spark job. Binder, catalog
+    or memory errors are not about the file and are not among them."""
+    if not is_spark(con):
+        return (duckdb.InvalidInputException, duckdb.IOException, duckdb.InternalException)
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import QueryExecutionException, SparkRuntimeException
+
+    return (Py4JJavaError, QueryExecutionException, SparkRuntimeException)
+
+
+@contextlib.contextmanager
+def reading(con: ibis.BaseBackend, files: Sequence[Path], *, hint: str) -> Iterator[None]:
+    """Turn an engine error raised in the block while the exports ``files`` are read into an
+    :class:`InputError` naming the file, the engine's cause and ``hint``.
+
+    Engines read lazily: a bad line past the sample read to open a file fails only when a
+    query reaches it, e.g. while counting or materialising the lines.
+    """
+    try:
+        yield
+    except read_errors(con) as exc:
+        message = str(exc)
+        where = failed_file(message) or ", ".join(map(str, files))
+        raise InputError(f"{where}: cannot read: {engine_cause(message)}; {hint}") from exc
+
+
+def failed_file(message: str) -> str | None:
+    """The file an engine's error names: DuckDB's ``file = ...`` line, or Spark's
+    ``reading file file:///...``; None when it names none.
+
+    >>> failed_file("CSV Error on Line: 9\\n\\n  file = /in/b.csv\\n  delimiter = ,")
+    '/in/b.csv'
+    >>> failed_file("SparkException: Encountered error while reading file file:///in/b.csv. ")
+    '/in/b.csv'
+    """
+    found = re.search(r"^\s*file = (.+?)\s*$", message, re.MULTILINE) or re.search(
+        r"while reading file (?:file://)?(\S+?)\.?(?:\s|$)", message
+    )
+    return found.group(1) if found else None
 
 
 def _read_whitespace_separated(con: ibis.BaseBackend, path: Path, encoding: str) -> ir.Table:
