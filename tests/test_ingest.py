@@ -588,3 +588,36 @@ def test_the_same_long_export_reads_with_its_encoding(tmp_path, make_settings):
     assert (summary.rows_read, summary.rows_kept) == (30_000, 30_000)
     kept = pd.read_parquet(settings.paths.transactions)
     assert kept.loc[kept["order_id"] == "late", "country"].tolist() == ["café"]
+
+
+# --- placeholder customer ids -------------------------------------------------------------
+
+PLACEHOLDER_IDS = ["NULL", " n/a ", "NA", "nan", "None", "-", "N/A", "null"]
+
+
+def test_placeholder_customer_ids_are_missing_not_one_customer(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    ids = [*PLACEHOLDER_IDS, "NAB", "7"]  # real ids that merely look alike are kept
+    export.write_text(
+        "c,t,v\n" + "".join(f"{c},2021-01-{k + 1:02d},5\n" for k, c in enumerate(ids))
+    )
+    settings = make_settings(
+        data={"transactions": {"path": str(export), "columns": _line_totals("c", "t", "v")}}
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rejected_by_reason["missing_customer_id"] == len(PLACEHOLDER_IDS)
+    assert sorted(pd.read_parquet(settings.paths.transactions)["customer_id"]) == ["7", "NAB"]
+    rejects = pd.read_parquet(settings.paths.rejects)
+    assert sorted(rejects["source_customer_id"]) == sorted(PLACEHOLDER_IDS)
+
+
+def test_placeholder_customer_ids_in_events_are_missing(tmp_path, messy_settings):
+    (tmp_path / "data" / "events" / "events.csv").write_text(
+        "customer_id,ts,event_type,value\n"
+        + "".join(f"{c},2021-01-02 09:00:00,visit,\n" for c in PLACEHOLDER_IDS)
+        + "13085,2021-01-02 09:00:00,visit,\n"
+    )
+    ingest.run(messy_settings.data, messy_settings.paths)
+    assert pd.read_parquet(messy_settings.paths.events)["customer_id"].tolist() == ["13085"]
+    report = json.loads(messy_settings.paths.ingest_report.read_text())["events"]
+    assert report["rejected_by_reason"]["missing_customer_id"] == len(PLACEHOLDER_IDS)

@@ -71,6 +71,9 @@ REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
 CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
 EVENT_REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "missing_event_type")
 NUMERIC_COLUMNS = frozenset({"amount", "quantity", "unit_price", "value"})
+# Placeholders exports write for "no customer" (any case): missing, not one customer who
+# would merge every anonymous line.
+MISSING_IDS = ("null", "n/a", "na", "nan", "none", "-")
 # What Ibis's strip removes; a text with none of them at either end is left as it is.
 BLANKS = " \t\n\r\v\f"
 # A time followed by an offset or a zone name ("10:00:00+02:00", "10:00Z", "10:00 UTC").
@@ -214,14 +217,16 @@ def _number(value: ir.Value) -> ir.FloatingValue:
 
 
 def _customer(value: ir.Value) -> ir.StringValue:
-    """Trimmed customer id, ``13085.0`` -> ``13085``; null when empty."""
+    """Trimmed customer id, ``13085.0`` -> ``13085``; null when empty or a placeholder
+    such as ``N/A`` (see ``MISSING_IDS``)."""
     customer = _text(value)
     # No back-reference in the replacement: DuckDB spells it \1, Spark $1.
     customer = ibis.cases(
         (customer.re_search(r"^-?\d+\.0+$"), customer.re_replace(r"\.0+$", "")),
         else_=customer,
     )
-    return ibis.cases((customer == "", ibis.null("string")), else_=customer)
+    missing = (customer == "") | customer.lower().isin(MISSING_IDS)
+    return ibis.cases((missing, ibis.null("string")), else_=customer)
 
 
 def _timestamp(value: ir.Value, ts_format: str | None, *, spark: bool = False) -> ir.TimestampValue:
