@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ibis
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 
 from churn import ChurnError, ingest
+from churn.config import CANONICAL_COLUMNS
 from churn.io import InputError
 from tests.conftest import SAMPLE
 
@@ -51,6 +53,7 @@ def test_messy_rows_reconcile(messy_settings):
     assert summary.rejected_by_reason == {
         "missing_customer_id": 1,
         "unparseable_ts": 1,
+        "implausible_ts": 0,
         "non_finite_amount": 1,
     }
     assert summary.rows_kept == 3
@@ -370,6 +373,7 @@ def test_events_are_ingested_into_families(tmp_path, make_settings, messy_settin
     assert report["rejected_by_reason"] == {
         "missing_customer_id": 1,
         "unparseable_ts": 1,
+        "implausible_ts": 0,
         "missing_event_type": 1,
     }
     assert report["duplicates_removed"] == 1
@@ -424,6 +428,7 @@ def test_amounts_are_converted_to_the_reporting_currency(currency_settings):
     assert summary.rejected_by_reason == {
         "missing_customer_id": 0,
         "unparseable_ts": 0,
+        "implausible_ts": 0,
         "non_finite_amount": 0,
         "missing_currency": 1,
         "unknown_currency": 2,
@@ -621,3 +626,80 @@ def test_placeholder_customer_ids_in_events_are_missing(tmp_path, messy_settings
     assert pd.read_parquet(messy_settings.paths.events)["customer_id"].tolist() == ["13085"]
     report = json.loads(messy_settings.paths.ingest_report.read_text())["events"]
     assert report["rejected_by_reason"]["missing_customer_id"] == len(PLACEHOLDER_IDS)
+
+
+# --- implausible times --------------------------------------------------------------------
+
+
+def test_times_before_1970_or_after_the_run_are_implausible(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    today = datetime.now(UTC).date()
+    times = {
+        "1": "1900-01-01 10:00:00",
+        "2": "1969-12-31 23:59:59",
+        "3": "1970-01-01 00:00:00",  # the first plausible time
+        "4": "2011-03-04 10:00:00",
+        "5": f"{today} 08:00:00",  # today is plausible
+        "6": "2999-01-01 00:00:00",  # a typo for a year
+        "7": "2011-03-05 10:00:00",
+    }
+    export.write_text("c,t,v\n" + "".join(f"{c},{t},5\n" for c, t in times.items()))
+    settings = make_settings(
+        data={"transactions": {"path": str(export), "columns": _line_totals("c", "t", "v")}}
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rejected_by_reason["implausible_ts"] == 3
+    assert (summary.rows_kept, summary.rows_rejected) == (4, 3)
+    rejects = pd.read_parquet(settings.paths.rejects).set_index("source_customer_id")
+    assert rejects["reason"].to_dict() == dict.fromkeys(["1", "2", "6"], "implausible_ts")
+    assert rejects.loc["6", "source_ts"] == "2999-01-01 00:00:00"
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["rejected_by_reason"]["implausible_ts"] == 3
+    assert report["reconciles"] is True
+
+
+def test_a_two_digit_year_read_with_percent_y_is_implausible(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    export.write_text("c,t,v\n1,01/02/2011,5\n2,01/02/11,5\n3,03/02/2011,5\n")
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "ts_format": "%d/%m/%Y",
+                "columns": _line_totals("c", "t", "v"),
+            }
+        }
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rejected_by_reason["implausible_ts"] == 1  # the year 11
+    assert pd.read_parquet(settings.paths.rejects)["source_ts"].tolist() == ["01/02/11"]
+
+
+def test_plausible_times_end_one_day_after_the_run():
+    times = ["1970-01-01", "2021-06-02 12:00:00", "2021-06-02 12:00:01"]
+    empty = {c: pd.Series([None] * 3, dtype="string") for c in CANONICAL_COLUMNS}
+    raw = pd.DataFrame(empty).assign(customer_id="7", ts=times, amount="5").astype("string")
+    parsed = ingest.parse_lines(
+        ibis.memtable(raw),
+        ts_format=None,
+        return_order_prefix=None,
+        run_at=datetime(2021, 6, 1, 12, 0),
+    )
+    reasons = parsed.order_by("source_ts").reason.to_pyarrow().to_pylist()
+    assert reasons == [None, None, "implausible_ts"]
+
+
+def test_implausible_event_times_are_rejected(tmp_path, messy_settings):
+    (tmp_path / "data" / "events" / "events.csv").write_text(
+        "customer_id,ts,event_type,value\n"
+        "13085,2021-01-02 09:00:00,visit,\n"
+        "13085,1900-01-01 09:00:00,visit,\n"
+        "13087,2999-01-03 09:00:00,visit,\n"
+        "13087,2021-01-03 09:00:00,visit,\n"
+    )
+    ingest.run(messy_settings.data, messy_settings.paths)
+    assert len(pd.read_parquet(messy_settings.paths.events)) == 2
+    report = json.loads(messy_settings.paths.ingest_report.read_text())["events"]
+    assert report["rejected_by_reason"]["implausible_ts"] == 2
+    rejected = pd.read_parquet(messy_settings.paths.event_rejects)
+    assert sorted(rejected["source_ts"]) == ["1900-01-01 09:00:00", "2999-01-03 09:00:00"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,19 @@ LINE_COLUMNS = (
     "country",
     "is_return",
 )
-REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "non_finite_amount")
+REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "implausible_ts", "non_finite_amount")
 CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
-EVENT_REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "missing_event_type")
+EVENT_REJECT_REASONS = (
+    "missing_customer_id",
+    "unparseable_ts",
+    "implausible_ts",
+    "missing_event_type",
+)
+# A time before this, or more than FUTURE_SLACK after the run, is a typo or a wrong
+# ts_format ("01/02/11" read with %Y is the year 11), not a real purchase or event. The
+# slack covers any shop time zone ahead of UTC.
+EARLIEST_TS = datetime(1970, 1, 1)
+FUTURE_SLACK = timedelta(days=1)
 NUMERIC_COLUMNS = frozenset({"amount", "quantity", "unit_price", "value"})
 # Placeholders exports write for "no customer" (any case): missing, not one customer who
 # would merge every anonymous line.
@@ -250,11 +260,14 @@ def parse_lines(
     raw: ir.Table,
     *,
     ts_format: str | None,
+    run_at: datetime,
     return_order_prefix: str | None,
     currency_rates: dict[str, float] | None = None,
 ) -> ir.Table:
     """Parse text lines into typed canonical columns plus a ``reason`` (null when usable).
 
+    A time before ``EARLIEST_TS`` or more than ``FUTURE_SLACK`` after ``run_at`` (the
+    moment of the run, naive UTC) is implausible and rejected.
     With ``currency_rates`` (reporting-currency units per unit of each upper-case code, see
     :meth:`TransactionSource.conversion_rates`) amounts are converted into the reporting
     currency; a line without a currency, or with one not in the table, is rejected. The
@@ -275,6 +288,7 @@ def parse_lines(
     checks = [
         (customer.isnull(), "missing_customer_id"),
         (ts.isnull(), "unparseable_ts"),
+        (_implausible(ts, run_at), "implausible_ts"),
         (amount.isnull() | amount.isnan() | amount.isinf(), "non_finite_amount"),
     ]
     if currency_rates:
@@ -299,6 +313,11 @@ def parse_lines(
         is_return=is_return,
         reason=reason,
     )
+
+
+def _implausible(ts: ir.TimestampValue, run_at: datetime) -> ir.BooleanValue:
+    """Whether a time lies before ``EARLIEST_TS`` or over ``FUTURE_SLACK`` after ``run_at``."""
+    return (ts < ibis.literal(EARLIEST_TS)) | (ts > ibis.literal(run_at + FUTURE_SLACK))
 
 
 def canonical(parsed: ir.Table) -> ir.Table:
@@ -374,9 +393,14 @@ def rejects(parsed: ir.Table, columns: tuple[str, ...] = CANONICAL_COLUMNS) -> i
 
 
 def parse_events(
-    raw: ir.Table, *, ts_format: str | None, families: dict[str, tuple[str, ...]]
+    raw: ir.Table,
+    *,
+    ts_format: str | None,
+    families: dict[str, tuple[str, ...]],
+    run_at: datetime,
 ) -> ir.Table:
-    """Parse engagement events: customer, time, type, family (``other`` if unmapped), value."""
+    """Parse engagement events: customer, time, type, family (``other`` if unmapped), value;
+    times are checked against ``run_at`` as in :func:`parse_lines`."""
     raw = raw.rename({f"source_{c}": c for c in EVENT_COLUMNS})
     customer = _customer(raw.source_customer_id)
     ts = _timestamp(raw.source_ts, ts_format, spark=is_spark(raw.get_backend()))
@@ -387,6 +411,7 @@ def parse_events(
     reason = ibis.cases(
         (customer.isnull(), "missing_customer_id"),
         (ts.isnull(), "unparseable_ts"),
+        (_implausible(ts, run_at), "implausible_ts"),
         (event_type.isnull() | (event_type == ""), "missing_event_type"),
         else_=ibis.null("string"),
     )
@@ -463,9 +488,11 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         con, source, names=CANONICAL_COLUMNS, section="data.transactions"
     )
     rates = source.conversion_rates()
+    run_at = datetime.now(UTC).replace(tzinfo=None)
     parsed = parse_lines(
         unique,
         ts_format=source.ts_format,
+        run_at=run_at,
         return_order_prefix=source.return_order_prefix,
         currency_rates=rates,
     )
@@ -479,7 +506,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         parsed, summary, files=files, ts_format=source.ts_format, section="data.transactions"
     )
     has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
-    event_tables = _ingest_events(events, engine) if has_events else None
+    event_tables = _ingest_events(events, engine, run_at=run_at) if has_events else None
     lines = canonical(parsed)
     if source.columns.get("order_id"):
         lines = match_returns(lines)
@@ -520,11 +547,13 @@ EMPTY_EVENT_REJECTS = pd.DataFrame(
 
 
 def _ingest_events(
-    source: EventSource, engine: Engine | None
+    source: EventSource, engine: Engine | None, *, run_at: datetime
 ) -> tuple[ir.Table, ir.Table, IngestSummary]:
     con = connect(engine, timezone=source.timezone)
     unique, per_file, files = _read_unique(con, source, names=EVENT_COLUMNS, section="data.events")
-    parsed = parse_events(unique, ts_format=source.ts_format, families=source.families)
+    parsed = parse_events(
+        unique, ts_format=source.ts_format, families=source.families, run_at=run_at
+    )
     with reading(con, files, hint=_read_hint(source, files, section="data.events")):
         parsed = materialise(con, "parsed_events", sources_of_rejects(parsed))
         summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
