@@ -51,6 +51,10 @@ def test_dates_and_lists_are_parsed(make_settings):
             r"needs 'amount', or both 'quantity' and 'unit_price'",
         ),
         ({"data": {"transactions": {"format": "xml"}}}, r"format must be one of"),
+        (
+            {"data": {"events": {"decimal_separator": ";"}}},
+            r"data.events.decimal_separator must be '.' or ',', got ';'",
+        ),
         ({"score": {"risk_tiers": {"high": 1.5}}}, r"score.risk_tiers"),
         ({"score": {"attribution": "lime"}}, r"score.attribution must be one of .*'lime'"),
         ({"engine": "polars"}, r"engine must be one of \('duckdb', 'spark'\), got 'polars'"),
@@ -81,6 +85,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         "no-ts",
         "no-amount",
         "format",
+        "decimal-separator",
         "tiers",
         "attribution",
         "engine",

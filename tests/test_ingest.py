@@ -149,6 +149,29 @@ def test_all_rows_rejected_stops(tmp_path, make_settings):
     assert not settings.paths.ingest_report.exists()
 
 
+def test_all_rows_rejected_counts_the_rejected_and_names_the_dominant_setting(
+    tmp_path, make_settings
+):
+    export = tmp_path / "export.csv"
+    line = "1;;2021-01-01;1;1;P;UK\n"  # no customer id
+    export.write_text(
+        "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country\n"
+        + line * 3
+        + "2;;2021-01-02;1;1;P;UK\n"
+        + "3;7;not a date;1;1;P;UK\n"
+    )
+    settings = make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    # 5 rows read: 2 duplicates of the first line are removed, not rejected
+    assert message.startswith(f"{export}: all 3 rows rejected (and 2 exact duplicates removed)")
+    assert "'missing_customer_id': 2, 'unparseable_ts': 1" in message
+    assert message.endswith(
+        "most are missing_customer_id: check data.transactions.columns.customer_id in params.yaml"
+    )
+
+
 def test_bundled_online_retail_reconciles(make_settings):
     settings = make_settings(data={"transactions": {"path": str(SAMPLE)}})
     summary = ingest.run(settings.data, settings.paths)
@@ -675,6 +698,27 @@ def test_a_two_digit_year_read_with_percent_y_is_implausible(tmp_path, make_sett
     assert pd.read_parquet(settings.paths.rejects)["source_ts"].tolist() == ["01/02/11"]
 
 
+def test_mostly_implausible_dates_stop_with_examples_and_the_format(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    export.write_text("c,t,v\n1,01/02/11,5\n2,03/02/11,5\n3,03/02/2011,5\n")
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "ts_format": "%d/%m/%Y",
+                "columns": _line_totals("c", "t", "v"),
+            }
+        }
+    )
+    with pytest.raises(
+        InputError,
+        match=r"2 of 3 rows have a date before 1970-01-01 or after tomorrow when read with "
+        r"ts_format '%d/%m/%Y', e\.g\. \['0[13]/02/11', '0[13]/02/11'\]; check "
+        r"data\.transactions\.ts_format",
+    ):
+        ingest.run(settings.data, settings.paths)
+
+
 def test_plausible_times_end_one_day_after_the_run():
     times = ["1970-01-01", "2021-06-02 12:00:00", "2021-06-02 12:00:01"]
     empty = {c: pd.Series([None] * 3, dtype="string") for c in CANONICAL_COLUMNS}
@@ -703,3 +747,75 @@ def test_implausible_event_times_are_rejected(tmp_path, messy_settings):
     assert report["rejected_by_reason"]["implausible_ts"] == 2
     rejected = pd.read_parquet(messy_settings.paths.event_rejects)
     assert sorted(rejected["source_ts"]) == ["1900-01-01 09:00:00", "2999-01-03 09:00:00"]
+
+
+# --- decimal commas -----------------------------------------------------------------------
+
+
+def _decimal_comma_export(path: Path) -> None:
+    """A European export: 199 lines priced 5,95 (quoted, as the delimiter is a comma too)
+    and one priced 6."""
+    lines = [f'{k},{k % 20},2021-01-01 10:00:00,2,"5,95",P1,DE\n' for k in range(199)]
+    path.write_text(
+        "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n"
+        + "".join(lines)
+        + "199,3,2021-01-01 10:00:00,2,6,P2,DE\n"
+    )
+
+
+def test_decimal_commas_read_with_the_comma_separator(tmp_path, make_settings):
+    export = tmp_path / "de.csv"
+    _decimal_comma_export(export)
+    settings = make_settings(data={"transactions": {"path": str(export), "decimal_separator": ","}})
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_kept, summary.rows_rejected) == (200, 0)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert kept["amount"].round(6).value_counts().to_dict() == {11.9: 199, 12.0: 1}
+
+
+def test_decimal_comma_with_a_thousands_point_is_rejected_not_misread(tmp_path, make_settings):
+    export = tmp_path / "de.csv"
+    export.write_text('c,t,v\n1,2021-01-01,"1.234,5"\n2,2021-01-02,"4,5"\n3,2021-01-03,7\n')
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "decimal_separator": ",",
+                "columns": _line_totals("c", "t", "v"),
+            }
+        }
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rejected_by_reason["non_finite_amount"] == 1
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
+    assert kept["amount"].tolist() == [4.5, 7.0]
+
+
+def test_mostly_non_numeric_amounts_stop_with_examples_and_the_settings(tmp_path, make_settings):
+    export = tmp_path / "de.csv"
+    _decimal_comma_export(export)
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(
+        f"{export}: 199 of 200 rows have no numeric amount (quantity, unit_price), e.g. "
+        "[{'quantity': '2', 'unit_price': '5,95'}"
+    )
+    assert "set data.transactions.decimal_separator: \",\" (now '.')" in message
+    assert message.endswith("else check data.transactions.columns in params.yaml")
+    assert not settings.paths.transactions.exists()
+
+
+def test_event_values_read_with_the_comma_separator(tmp_path, messy_settings, make_settings):
+    (tmp_path / "data" / "events" / "events.csv").write_text(
+        'customer_id,ts,event_type,value\n13085,2021-01-02 09:00:00,csat,"4,5"\n'
+    )
+    settings = make_settings(
+        data={
+            "transactions": {"path": str(tmp_path / "export.csv"), "csv_delimiter": ";"},
+            "events": {"decimal_separator": ","},
+        }
+    )
+    ingest.run(settings.data, settings.paths)
+    assert pd.read_parquet(settings.paths.events)["value"].tolist() == [4.5]

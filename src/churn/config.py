@@ -36,6 +36,7 @@ CANONICAL_COLUMNS = (
 EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
 ENGINES = ("duckdb", "spark")
+DECIMAL_SEPARATORS = (".", ",")  # data.*.decimal_separator: "5.95" or "5,95"
 ATTRIBUTIONS = ("treeshap", "path")  # score.attribution: exact TreeSHAP, or path (Saabas)
 RFM_SEGMENTS = (
     "Champions",
@@ -82,6 +83,7 @@ class TransactionSource:
     ts_format: str | None = None
     csv_delimiter: str = ","
     csv_encoding: str = "utf-8"
+    decimal_separator: str = "."  # in numbers given as text: amount, quantity, unit_price
     return_order_prefix: str | None = "C"
     timezone: str = "UTC"
     reporting_currency: str | None = None
@@ -107,6 +109,7 @@ class EventSource:
     ts_format: str | None = None
     csv_delimiter: str = ","
     csv_encoding: str = "utf-8"
+    decimal_separator: str = "."  # in values given as text
     timezone: str = "UTC"
 
 
@@ -397,6 +400,12 @@ def _validate(s: Settings) -> None:
             "params: data.transactions.columns needs 'amount', or both 'quantity' and 'unit_price'"
         )
     _validate_currency(src)
+    for section, source in (("transactions", src), ("events", s.data.events)):
+        if source.decimal_separator not in DECIMAL_SEPARATORS:
+            raise ParamsError(
+                f"params: data.{section}.decimal_separator must be '.' or ',', "
+                f"got {source.decimal_separator!r}"
+            )
     if src.format not in FORMATS:
         raise ParamsError(
             f"params: data.transactions.format must be one of {FORMATS}, got {src.format!r}"

@@ -219,11 +219,15 @@ def _text(value: ir.Value) -> ir.StringValue:
     return ibis.cases((padded, value.strip()), else_=value)
 
 
-def _number(value: ir.Value) -> ir.FloatingValue:
-    """A double; null where text does not parse."""
+def _number(value: ir.Value, decimal_separator: str = ".") -> ir.FloatingValue:
+    """A double; null where text does not parse. With ``decimal_separator`` ``,`` text
+    reads ``5,95`` as 5.95 (and ``1.234,5`` stays unparsed: it is not read as 1.2345)."""
     if value.type().is_numeric():
         return value.cast("float64")
-    return _text(value).try_cast("float64")
+    text = _text(value)
+    if decimal_separator != ".":
+        text = text.replace(decimal_separator, ".")
+    return text.try_cast("float64")
 
 
 def _customer(value: ir.Value) -> ir.StringValue:
@@ -263,11 +267,13 @@ def parse_lines(
     run_at: datetime,
     return_order_prefix: str | None,
     currency_rates: dict[str, float] | None = None,
+    decimal_separator: str = ".",
 ) -> ir.Table:
     """Parse text lines into typed canonical columns plus a ``reason`` (null when usable).
 
     A time before ``EARLIEST_TS`` or more than ``FUTURE_SLACK`` after ``run_at`` (the
-    moment of the run, naive UTC) is implausible and rejected.
+    moment of the run, naive UTC) is implausible and rejected. Numbers given as text use
+    ``decimal_separator``.
     With ``currency_rates`` (reporting-currency units per unit of each upper-case code, see
     :meth:`TransactionSource.conversion_rates`) amounts are converted into the reporting
     currency; a line without a currency, or with one not in the table, is rejected. The
@@ -277,8 +283,9 @@ def parse_lines(
     raw = raw.rename({f"source_{c}": c for c in CANONICAL_COLUMNS})
     customer = _customer(raw.source_customer_id)
     ts = _timestamp(raw.source_ts, ts_format, spark=is_spark(raw.get_backend()))
-    quantity = _number(raw.source_quantity)
-    amount = _number(raw.source_amount).coalesce(quantity * _number(raw.source_unit_price))
+    quantity = _number(raw.source_quantity, decimal_separator)
+    unit_price = _number(raw.source_unit_price, decimal_separator)
+    amount = _number(raw.source_amount, decimal_separator).coalesce(quantity * unit_price)
     is_return = quantity.fill_null(0) < 0
     if return_order_prefix:
         is_return = is_return | raw.source_order_id.startswith(return_order_prefix).fill_null(False)
@@ -398,9 +405,11 @@ def parse_events(
     ts_format: str | None,
     families: dict[str, tuple[str, ...]],
     run_at: datetime,
+    decimal_separator: str = ".",
 ) -> ir.Table:
     """Parse engagement events: customer, time, type, family (``other`` if unmapped), value;
-    times are checked against ``run_at`` as in :func:`parse_lines`."""
+    times are checked against ``run_at`` and values read with ``decimal_separator`` as in
+    :func:`parse_lines`."""
     raw = raw.rename({f"source_{c}": c for c in EVENT_COLUMNS})
     customer = _customer(raw.source_customer_id)
     ts = _timestamp(raw.source_ts, ts_format, spark=is_spark(raw.get_backend()))
@@ -420,7 +429,7 @@ def parse_events(
         ts=ts,
         event_type=event_type,
         family=family,
-        value=_number(raw.source_value),
+        value=_number(raw.source_value, decimal_separator),
         reason=reason,
     )
 
@@ -495,6 +504,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         run_at=run_at,
         return_order_prefix=source.return_order_prefix,
         currency_rates=rates,
+        decimal_separator=source.decimal_separator,
     )
     reasons = (*REJECT_REASONS, *CURRENCY_REASONS) if rates else REJECT_REASONS
     # The first queries over every line: where a lazy engine meets a bad line (Spark fills
@@ -502,9 +512,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
     with reading(con, files, hint=_read_hint(source, files, section="data.transactions")):
         parsed = materialise(con, "parsed_lines", sources_of_rejects(parsed))
         summary = _summarise(parsed, per_file=per_file, reasons=reasons)
-    _check_usable(
-        parsed, summary, files=files, ts_format=source.ts_format, section="data.transactions"
-    )
+    _check_usable(parsed, summary, files=files, source=source, section="data.transactions")
     has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
     event_tables = _ingest_events(events, engine, run_at=run_at) if has_events else None
     lines = canonical(parsed)
@@ -552,12 +560,16 @@ def _ingest_events(
     con = connect(engine, timezone=source.timezone)
     unique, per_file, files = _read_unique(con, source, names=EVENT_COLUMNS, section="data.events")
     parsed = parse_events(
-        unique, ts_format=source.ts_format, families=source.families, run_at=run_at
+        unique,
+        ts_format=source.ts_format,
+        families=source.families,
+        run_at=run_at,
+        decimal_separator=source.decimal_separator,
     )
     with reading(con, files, hint=_read_hint(source, files, section="data.events")):
         parsed = materialise(con, "parsed_events", sources_of_rejects(parsed))
         summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
-    _check_usable(parsed, summary, files=files, ts_format=source.ts_format, section="data.events")
+    _check_usable(parsed, summary, files=files, source=source, section="data.events")
     kept = parsed.filter(parsed.reason.isnull()).select(
         "customer_id", "ts", "event_type", "family", "value"
     )
@@ -592,27 +604,71 @@ def _check_usable(
     summary: IngestSummary,
     *,
     files: list[Path],
-    ts_format: str | None,
+    source: TransactionSource | EventSource,
     section: str,
 ) -> None:
-    """Stop when nothing is usable, or when most dates do not parse (a wrong format)."""
+    """Stop when nothing is usable, or when most rows fail the same check: a wrong setting
+    (a date format, a decimal separator, a column) rather than bad rows."""
     names = ", ".join(map(str, files))
-    bad = summary.rejected_by_reason["unparseable_ts"]
-    if bad * 2 > summary.rows_kept + summary.rows_rejected:
-        failed = parsed.filter(parsed.reason == "unparseable_ts")
-        examples = failed.select(ts=failed.source_ts.cast("string")).limit(3).execute()["ts"]
-        examples = examples.tolist()
-        tried = f"ts_format {ts_format!r}" if ts_format else "ISO 8601 (ts_format: null)"
-        raise InputError(
-            f"{names}: {bad} of {summary.rows_kept + summary.rows_rejected} rows have a date "
-            f"that does not parse with {tried}, e.g. {examples}; set {section}.ts_format in "
-            'params.yaml (e.g. "%d/%m/%Y %H:%M")'
-        )
+    total = summary.rows_kept + summary.rows_rejected
+    for reason in ("unparseable_ts", "implausible_ts", "non_finite_amount"):
+        bad = summary.rejected_by_reason.get(reason, 0)
+        if bad * 2 > total:
+            cause = _mostly_rejected(parsed, reason, source=source, section=section)
+            raise InputError(f"{names}: {bad} of {total} rows {cause}")
     if summary.rows_kept == 0:
+        by_reason = summary.rejected_by_reason
+        dominant = max(by_reason, key=by_reason.__getitem__)
+        removed = summary.duplicates_removed
+        duplicates = f" (and {removed} exact duplicates removed)" if removed else ""
         raise InputError(
-            f"{names}: all {summary.rows_read} rows rejected ({summary.rejected_by_reason}); "
-            f"check {section}.columns and {section}.ts_format in params.yaml"
+            f"{names}: all {summary.rows_rejected} rows rejected{duplicates}: {by_reason}; "
+            f"most are {dominant}: check {REASON_SETTINGS[dominant].format(section=section)} "
+            "in params.yaml"
         )
+
+
+# What to check in params.yaml when most rows are rejected for a reason.
+REASON_SETTINGS = {
+    "missing_customer_id": "{section}.columns.customer_id",
+    "unparseable_ts": "{section}.ts_format and {section}.columns.ts",
+    "implausible_ts": "{section}.ts_format",
+    "non_finite_amount": "{section}.decimal_separator and {section}.columns (amount, quantity, "
+    "unit_price)",
+    "missing_currency": "{section}.columns.currency",
+    "unknown_currency": "{section}.currency_rates",
+    "missing_event_type": "{section}.columns.event_type",
+}
+AMOUNT_COLUMNS = ("amount", "quantity", "unit_price")
+
+
+def _mostly_rejected(
+    parsed: ir.Table, reason: str, *, source: TransactionSource | EventSource, section: str
+) -> str:
+    """Why most rows were rejected for ``reason``, with examples of their source text and
+    the setting to change."""
+    failed = parsed.filter(parsed.reason == reason).limit(3)
+    if reason == "non_finite_amount":
+        mapped = [c for c in AMOUNT_COLUMNS if source.columns.get(c)]
+        examples = failed.select(**{c: failed[f"source_{c}"].cast("string") for c in mapped})
+        return (
+            f"have no numeric amount ({', '.join(mapped)}), e.g. "
+            f"{examples.to_pyarrow().to_pylist()}; if the export writes decimals with a comma "
+            f'(5,95), set {section}.decimal_separator: "," (now {source.decimal_separator!r}), '
+            f"else check {section}.columns in params.yaml"
+        )
+    examples = failed.select(ts=failed.source_ts.cast("string")).to_pyarrow()["ts"].to_pylist()
+    tried = f"ts_format {source.ts_format!r}" if source.ts_format else "ISO 8601 (ts_format: null)"
+    if reason == "unparseable_ts":
+        return (
+            f"have a date that does not parse with {tried}, e.g. {examples}; set "
+            f'{section}.ts_format in params.yaml (e.g. "%d/%m/%Y %H:%M")'
+        )
+    return (
+        f"have a date before {EARLIEST_TS:%Y-%m-%d} or after tomorrow when read with {tried}, "
+        f"e.g. {examples}; check {section}.ts_format in params.yaml (%y reads a two-digit "
+        "year, %Y a four-digit one)"
+    )
 
 
 def _summarise(
