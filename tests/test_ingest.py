@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import ibis
 import pandas as pd
 import pytest
@@ -819,3 +821,30 @@ def test_event_values_read_with_the_comma_separator(tmp_path, messy_settings, ma
     )
     ingest.run(settings.data, settings.paths)
     assert pd.read_parquet(settings.paths.events)["value"].tolist() == [4.5]
+
+
+# --- folders ------------------------------------------------------------------------------
+
+
+def test_a_folder_reads_compressed_exports_and_subfolders(tmp_path, make_settings):
+    folder = tmp_path / "in"
+    (folder / "2011").mkdir(parents=True)
+    header = "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n"
+    (folder / "a.csv").write_text(header + "1,7,2011-01-02 10:00:00,1,1.0,A,UK\n")
+    with gzip.open(folder / "b.csv.gz", "wt") as stream:
+        stream.write(header + "2,7,2011-01-03 10:00:00,1,2.0,B,UK\n")
+    (folder / "2011" / "c.csv").write_text(header + "3,8,2011-02-02 10:00:00,1,3.0,C,UK\n")
+    zstd = duckdb.connect()
+    zstd.execute(
+        f"COPY (SELECT '4' AS Invoice, '8' AS \"Customer ID\", '2011-03-02 10:00:00' AS "
+        "InvoiceDate, '1' AS Quantity, '4.0' AS Price, 'D' AS StockCode, 'UK' AS Country) "
+        f"TO '{folder / '2011' / 'd.csv.zst'}' (HEADER, COMPRESSION zstd)"
+    )
+    (folder / ".gitkeep").write_text("")
+    settings = make_settings(data={"transactions": {"path": str(folder)}})
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.files == {
+        str(folder / name): 1 for name in ("2011/c.csv", "2011/d.csv.zst", "a.csv", "b.csv.gz")
+    }
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["amount"].tolist() == [1.0, 2.0, 3.0, 4.0]

@@ -16,11 +16,13 @@ from churn.io import (
     WHITESPACE,
     connect,
     engine_cause,
+    expand_inputs,
     map_in_threads,
     parquet_parts,
     read_ahead,
     read_table,
 )
+from tests.conftest import ROOT
 
 
 def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
@@ -207,3 +209,81 @@ def test_engine_cause_keeps_the_problem_and_drops_the_engines_advice():
         "org.apache.spark.SparkException: Encountered error while reading file x.csv.; "
         "org.apache.spark.SparkException: Malformed records are detected."
     )
+
+
+# --- finding the exports ------------------------------------------------------------------
+
+
+def _files(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x\n")
+
+
+def test_a_folder_gives_its_exports_in_subfolders_and_compressed_too(tmp_path):
+    _files(
+        tmp_path,
+        "in/a.csv",
+        "in/b.csv.gz",
+        "in/2011/c.CSV",
+        "in/2012/d.csv.zst",
+        "in/2012/e.parquet",
+        "in/.gitkeep",
+        "in/.DS_Store",
+        "in/.cache/f.csv",
+        "in/README.md",
+    )
+    found = expand_inputs((tmp_path / "in",))
+    assert [p.relative_to(tmp_path / "in").as_posix() for p in found] == [
+        "2011/c.CSV",
+        "2012/d.csv.zst",
+        "2012/e.parquet",
+        "a.csv",
+        "b.csv.gz",
+    ]
+
+
+def test_a_file_of_unknown_format_in_a_folder_is_named_not_skipped(tmp_path):
+    _files(tmp_path, "in/a.csv", "in/2011/notes.docx", "in/b.parquet.gz")
+    with pytest.raises(ChurnError) as raised:
+        expand_inputs((tmp_path / "in",), section="data.events")
+    assert str(raised.value) == (
+        f"{tmp_path / 'in'}: cannot tell the format of {tmp_path / 'in/2011/notes.docx'}, "
+        f"{tmp_path / 'in/b.parquet.gz'}; remove it or set data.events.format in params.yaml"
+    )
+    declared = expand_inputs((tmp_path / "in",), declared_format="csv")
+    assert len(declared) == 3  # a declared format reads every file
+
+
+def test_an_events_folder_with_only_a_readme_and_hidden_files_names_no_file(tmp_path):
+    _files(tmp_path, "events/README.md", "events/.gitkeep")
+    assert expand_inputs((tmp_path / "events",), allow_empty=True) == []
+    assert expand_inputs((ROOT / "data" / "events",), allow_empty=True) == []  # the repo's
+    with pytest.raises(ChurnError, match=r"events: folder holds no CSV"):
+        expand_inputs((tmp_path / "events",))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("exports/*/orders.csv", ["2010/orders.csv", "2011/orders.csv"]),
+        (
+            "exports/**/*.csv",
+            ["2010/orders.csv", "2011/deep/returns.csv", "2011/orders.csv", "top.csv"],
+        ),
+        ("exports/20?1/*.csv", ["2011/orders.csv"]),
+    ],
+    ids=["folder-wildcard", "recursive", "question-mark"],
+)
+def test_glob_wildcards_in_folder_parts_match(tmp_path, pattern, expected):
+    _files(
+        tmp_path / "exports",
+        "top.csv",
+        "2010/orders.csv",
+        "2011/orders.csv",
+        "2011/deep/returns.csv",
+        "2011/README.csv",
+        ".old/orders.csv",
+    )
+    found = expand_inputs((tmp_path / pattern,))
+    assert [p.relative_to(tmp_path / "exports").as_posix() for p in found] == expected

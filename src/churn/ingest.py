@@ -443,10 +443,10 @@ def _read_unique(
 ) -> tuple[ir.Table, dict[str, int], list[Path]]:
     """All exports of one source, exact duplicate lines removed (an expression the caller
     computes once); rows per file. A column the exports type differently is read as text."""
-    files = expand_inputs(source.path, section=section)
+    files = expand_inputs(source.path, section=section, declared_format=source.format)
     per_file, frames, kinds = {}, [], set()
     for path in files:
-        fmt = file_format(path, source.format)
+        fmt = file_format(path, source.format, section=section)
         table = read_table(
             con,
             path,
@@ -480,7 +480,7 @@ def _read_unique(
 
 def _read_hint(source: TransactionSource | EventSource, files: list[Path], *, section: str) -> str:
     """What to check when the engine cannot read ``files`` of ``source``."""
-    if any(file_format(path, source.format) == "csv" for path in files):
+    if any(file_format(path, source.format, section=section) == "csv" for path in files):
         return csv_hint(section, source.csv_delimiter, source.csv_encoding)
     return f"re-export the file, or leave it out of {section}.path in params.yaml"
 
@@ -513,7 +513,11 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         parsed = materialise(con, "parsed_lines", sources_of_rejects(parsed))
         summary = _summarise(parsed, per_file=per_file, reasons=reasons)
     _check_usable(parsed, summary, files=files, source=source, section="data.transactions")
-    has_events = bool(expand_inputs(events.path, allow_empty=True, section="data.events"))
+    has_events = bool(
+        expand_inputs(
+            events.path, allow_empty=True, section="data.events", declared_format=events.format
+        )
+    )
     event_tables = _ingest_events(events, engine, run_at=run_at) if has_events else None
     lines = canonical(parsed)
     if source.columns.get("order_id"):

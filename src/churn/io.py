@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -36,6 +37,9 @@ SUFFIX_FORMATS = {
     ".xlsx": "excel",
     ".xls": "excel",
 }
+# Compressions of a CSV export (``orders.csv.gz``) that DuckDB reads as it goes; Spark reads
+# gzip natively, zstd only where Hadoop has its native library.
+CSV_COMPRESSIONS = (".gz", ".zst")
 
 
 T = TypeVar("T")
@@ -128,24 +132,43 @@ def is_spark(con: ibis.BaseBackend) -> bool:
 
 
 def expand_inputs(
-    paths: tuple[Path, ...], *, allow_empty: bool = False, section: str = "data.transactions"
+    paths: tuple[Path, ...],
+    *,
+    allow_empty: bool = False,
+    section: str = "data.transactions",
+    declared_format: str = "auto",
 ) -> list[Path]:
-    """Files named by ``paths``: files as they are, directories by their data files, glob
-    patterns (``exports/*.csv``) by their matches; sorted within each entry. With
-    ``allow_empty`` a folder without data files names no file instead of failing."""
+    """Files named by ``paths``: files as they are, folders by the files in them and in
+    their subfolders, glob patterns (``exports/*.csv``, ``exports/*/orders.csv``,
+    ``exports/**/*.csv``) by their matches; sorted within each entry. Hidden files and
+    folders (``.gitkeep``, ``.DS_Store``) and README files are not exports and are left out.
+    With ``allow_empty`` a folder without data files names no file instead of failing.
+
+    Raises
+    ------
+    InputError
+        When a path does not exist, a pattern matches no file, a folder holds no data file,
+        or (with ``declared_format`` ``auto``) a folder holds a file whose suffix does not
+        tell its format.
+    """
     files: list[Path] = []
     for path in paths:
         if any(ch in str(path) for ch in "*?["):
-            matches = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+            matches = sorted(
+                Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()
+            )
+            matches = [p for p in matches if not _not_an_export(Path(p.name))]
             if not matches:
                 raise InputError(
                     f"{path}: no file matches this pattern; check {section}.path in params.yaml"
                 )
             files.extend(matches)
         elif path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIX_FORMATS)
+            found = _folder_files(path, section=section, declared_format=declared_format)
             if not found and not allow_empty:
-                raise InputError(f"{path}: directory holds no CSV, Parquet or Excel file")
+                raise InputError(
+                    f"{path}: folder holds no CSV (also .csv.gz, .csv.zst), Parquet or Excel file"
+                )
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -154,17 +177,53 @@ def expand_inputs(
     return files
 
 
-def file_format(path: Path, declared: str) -> str:
+def _folder_files(folder: Path, *, section: str, declared_format: str) -> list[Path]:
+    """The exports in ``folder`` and its subfolders, sorted; a file whose format its suffix
+    does not tell stops the run rather than being skipped unseen."""
+    found = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not _not_an_export(p.relative_to(folder))
+    )
+    unknown = [str(p) for p in found if suffix_format(p) is None]
+    if unknown and declared_format == "auto":
+        raise InputError(
+            f"{folder}: cannot tell the format of {', '.join(unknown)}; remove it or set "
+            f"{section}.format in params.yaml"
+        )
+    return found
+
+
+def _not_an_export(relative: Path) -> bool:
+    """Whether a file (its path inside the folder given) is hidden, lies in a hidden folder,
+    or is a README."""
+    hidden = any(part.startswith(".") for part in relative.parts)
+    return hidden or relative.name.upper().startswith("README")
+
+
+def suffix_format(path: Path) -> str | None:
+    """The format the suffix of ``path`` tells (``orders.csv.gz``: a compressed CSV); None
+    when it tells none.
+
+    >>> suffix_format(Path("2011/orders.CSV.gz")), suffix_format(Path("orders.parquet.gz"))
+    ('csv', None)
+    """
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in CSV_COMPRESSIONS:
+        inner = SUFFIX_FORMATS.get(suffixes[-2]) if len(suffixes) > 1 else None
+        return inner if inner == "csv" else None
+    return SUFFIX_FORMATS.get(path.suffix.lower())
+
+
+def file_format(path: Path, declared: str, *, section: str = "data.transactions") -> str:
     """The format of ``path``: ``declared`` unless it is ``auto``, else from the suffix."""
     if declared != "auto":
         return declared
-    try:
-        return SUFFIX_FORMATS[path.suffix.lower()]
-    except KeyError:
+    fmt = suffix_format(path)
+    if fmt is None:
         raise InputError(
-            f"{path}: cannot tell the format from '{path.suffix}'; set "
-            "data.transactions.format to csv, parquet or excel"
-        ) from None
+            f"{path}: cannot tell the format from '{''.join(path.suffixes[-2:])}'; set "
+            f"{section}.format to csv, parquet or excel"
+        )
+    return fmt
 
 
 def read_table(
