@@ -274,6 +274,7 @@ def parse_lines(
     A time before ``EARLIEST_TS`` or more than ``FUTURE_SLACK`` after ``run_at`` (the
     moment of the run, naive UTC) is implausible and rejected. Numbers given as text use
     ``decimal_separator``.
+
     With ``currency_rates`` (reporting-currency units per unit of each upper-case code, see
     :meth:`TransactionSource.conversion_rates`) amounts are converted into the reporting
     currency; a line without a currency, or with one not in the table, is rejected. The
@@ -669,7 +670,8 @@ def _mostly_rejected(
             f'{section}.ts_format in params.yaml (e.g. "%d/%m/%Y %H:%M")'
         )
     return (
-        f"have a date before {EARLIEST_TS:%Y-%m-%d} or after tomorrow when read with {tried}, "
+        f"have a date before {EARLIEST_TS:%Y-%m-%d} or more than a day after now (UTC) when "
+        f"read with {tried}, "
         f"e.g. {examples}; check {section}.ts_format in params.yaml (%y reads a two-digit "
         "year, %Y a four-digit one)"
     )
