@@ -5,6 +5,7 @@ Skipped when PySpark (the ``spark`` extra) is not installed.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterator
@@ -21,9 +22,9 @@ pytest.importorskip("pyspark", reason="the spark extra is not installed (make in
 
 from churn import ChurnError, features, ingest, score
 from churn.config import Engine, FeatureSettings, Settings, SparkSettings, settings_from_dict
-from churn.io import connect, is_spark
+from churn.io import InputError, connect, is_spark
 from tests.conftest import SAMPLE, TINY_ROWS, merge, project_params, tx
-from tests.test_ingest import BERLIN_TIMES, MESSY
+from tests.test_ingest import BERLIN_TIMES, MESSY, _long_export
 from tests.test_ingest import _line_totals as line_totals
 
 pytestmark = pytest.mark.spark
@@ -186,6 +187,14 @@ CASES = {
         {"timezone": "Europe/Berlin", "columns": line_totals("c", "t", "v")},
         None,
     ),
+    # decimal commas, placeholder customer ids, implausible times
+    "european": (
+        "c;t;v\n1;2021-03-15 08:05;5,95\nN/A;2021-03-15 08:05;3\n2;1900-01-01 00:00;2\n"
+        "3;2021-03-16 10:00;4\n4;2021-03-17 10:00;1,5\n",
+        {"csv_delimiter": ";", "decimal_separator": ",", "columns": line_totals("c", "t", "v")},
+        "customer_id,ts,event_type,value\nNULL,2021-01-02 09:00:00,visit,\n"
+        "13085,2999-01-02 09:00:00,visit,\n13085,2021-01-03 09:00:00,nps,3\n",
+    ),
 }
 
 
@@ -218,3 +227,34 @@ def test_scoring_snapshot_on_spark_equals_duckdb(both_engines):
     )
     assert scoring_spec["feature_hash"] == spec["feature_hash"]
     assert_same_table(pd.read_parquet(duck / "score.parquet"), frame, ["customer_id"])
+
+
+def test_spark_reads_a_gzipped_export_in_a_subfolder_as_duckdb(tmp_path, spark_con):
+    folder = tmp_path / "in"
+    (folder / "2021").mkdir(parents=True)
+    (folder / "a.csv").write_text(MESSY)
+    with gzip.open(folder / "2021" / "b.csv.gz", "wt") as stream:
+        stream.write(MESSY.replace("1001;", "2001;"))
+    overrides = {"data": {"transactions": {"path": str(folder), "csv_delimiter": ";"}}}
+    duck, spark = (
+        _ingest_on(engine, tmp_path / engine, overrides, None).paths
+        for engine in ("duckdb", "spark")
+    )
+    expected = pd.read_parquet(duck.transactions)
+    assert len(expected) == 4  # MESSY's 3 kept lines, its first order renamed in b
+    assert_same_table(expected, pd.read_parquet(spark.transactions), list(expected.columns))
+    assert _report(spark.ingest_report) == _report(duck.ingest_report)
+
+
+def test_a_bad_line_deep_in_an_export_names_the_file_on_spark(tmp_path, spark_con):
+    export = tmp_path / "b.csv"
+    _long_export(export, "99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra\n")
+    # Country not mapped: Spark must still read (not prune) the field-count of each line.
+    overrides = {"data": {"transactions": {"path": str(export), "columns": {"country": None}}}}
+    with pytest.raises(InputError) as raised:
+        _ingest_on("spark", tmp_path / "spark", overrides, None)
+    message = str(raised.value)
+    assert message.startswith(f"{export}: cannot read: ")
+    assert "Malformed CSV record: 99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra" in message
+    assert "\tat " not in message  # no Java stack frames
+    assert message.endswith("data.transactions.csv_encoding (now 'utf-8') in params.yaml")

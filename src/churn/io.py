@@ -82,8 +82,14 @@ def _quoted(text: str) -> str:
     return text.replace("'", "''")
 
 
-# Session defaults a user's spark.config may override.
-SPARK_DEFAULTS = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
+# Session defaults a user's spark.config may override. Without column pruning the CSV parser
+# reads every field of a line, so FAILFAST (see read_table) sees a field too many even when
+# the extra column is not mapped.
+SPARK_DEFAULTS = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.csv.parser.columnPruning.enabled": "false",
+}
 
 
 def _connect_spark(spark: SparkSettings, *, timezone: str) -> ibis.BaseBackend:
@@ -298,7 +304,9 @@ def engine_cause(message: str) -> str:
             if kept:
                 break
             continue
-        if text.startswith(("at ", "... ", "An error occurred while calling", *ENGINE_ADVICE)):
+        if text.startswith(
+            ("at ", "... ", "Suppressed: ", "An error occurred while", *ENGINE_ADVICE)
+        ):
             continue
         kept.append(text.removeprefix(": ").removeprefix("Caused by: "))
     return "; ".join(kept)
