@@ -15,6 +15,7 @@ from churn.features import (
     Engagement,
     SnapshotError,
     btyd_features,
+    check_test_window,
     customer_features,
     executed_snapshot,
     history,
@@ -290,6 +291,22 @@ def test_plan_rejects_unobserved_test_window():
     settings = FeatureSettings(horizon_days=90, test_cutoff=date(2011, 10, 1))
     with pytest.raises(SnapshotError, match="label window ends after the last transaction"):
         plan_snapshots(date(2009, 12, 1), date(2011, 12, 9), settings)
+
+
+def test_a_stray_late_line_that_empties_the_test_label_window_stops_the_run():
+    # A purchase every other day for 200 days, then one line dated 30 days after the last.
+    days = [date(2021, 1, 1) + timedelta(days=2 * k) for k in range(100)]
+    rows = [(f"C{k % 7}", f"O{k}", f"{d} 10:00", 10.0) for k, d in enumerate(days)]
+    con = ibis.duckdb.connect()
+    regular = history(with_day(con.create_table("regular", tx(rows))), SETTINGS)
+    check_test_window(regular, days[-1] + timedelta(days=1 - 30), 30)  # 15 days, then 14
+    stray = days[-1] + timedelta(days=30)
+    late = tx([*rows, ("C1", "X", f"{stray} 10:00", 5.0)])
+    past = history(with_day(con.create_table("late", late)), SETTINGS)
+    test = stray + timedelta(days=1 - 30)  # where the plan puts it: one horizon before the end
+    message = rf"label window {test} to {stray} has purchases on 1 days, against 15 in the 30"
+    with pytest.raises(SnapshotError, match=message):
+        check_test_window(past, test, 30)
 
 
 def test_plan_rejects_history_too_short():

@@ -594,6 +594,38 @@ def labelled_snapshot(history: History, cutoff: date, settings: FeatureSettings)
     )
 
 
+def check_test_window(history: History, test: date, horizon_days: int) -> None:
+    """Stop when the test snapshot's label window ``[test, test + horizon)`` has purchases on
+    fewer than half as many days as the horizon before it, or that horizon has none.
+
+    The automatic test cutoff sits one horizon before the last line: one line dated weeks
+    after the others (a typo in a year) moves it to where the data have nothing left to
+    label, and every customer would look churned.
+
+    Raises
+    ------
+    SnapshotError
+        Naming both windows, their purchase days and the latest line's date.
+    """
+    c, h = day_number(test), horizon_days
+    orders = history.orders
+    near = orders.filter(orders.day >= c - h, orders.day < c + h)
+    counts = near.group_by(after=near.day >= c).agg(days=near.day.nunique()).execute()
+    days = dict(zip(counts["after"], counts["days"], strict=True))
+    before, after = int(days.get(False, 0)), int(days.get(True, 0))
+    if before > 0 and 2 * after >= before:
+        return
+    last = EPOCH + timedelta(days=int(orders.last_day.max().execute()))
+    end = test + timedelta(days=h - 1)
+    raise SnapshotError(
+        f"the test snapshot's label window {test} to {end} has purchases on {after} days, "
+        f"against {before} in the {h} days before it: the last days of the data look "
+        f"incomplete (the latest purchase is dated {last}). Remove stray late lines from the "
+        "export (see data/interim/transactions.parquet), or set features.test_cutoff and "
+        "features.as_of in params.yaml"
+    )
+
+
 def rfm_scores(snapshot: pd.DataFrame) -> pd.DataFrame:
     """Add 1-5 quintile scores ``r_score``, ``f_score``, ``m_score`` and ``rfm_segment``.
 
@@ -835,6 +867,8 @@ def run(
     span = tx.agg(first=tx.ts.min(), last=tx.ts.max()).execute().iloc[0]
     plan = plan_snapshots(span["first"].date(), span["last"].date(), settings)
     past = history(tx, settings, engagement)
+    if settings.test_cutoff is None:  # placed by the data's last day: check that day
+        check_test_window(past, plan.test, settings.horizon_days)
     snapshots = [
         *(("train", c, labelled_snapshot(past, c, settings)) for c in plan.train),
         ("test", plan.test, labelled_snapshot(past, plan.test, settings)),
