@@ -3,6 +3,7 @@ engine connection."""
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from churn import ChurnError
 from churn.config import DuckDBSettings, Engine
 from churn.io import (
+    UMASK,
     WHITESPACE,
     connect,
     engine_cause,
@@ -21,6 +23,9 @@ from churn.io import (
     parquet_parts,
     read_ahead,
     read_table,
+    write_csv,
+    write_parquet,
+    write_xlsx,
 )
 from tests.conftest import ROOT
 
@@ -87,6 +92,16 @@ def _recorded(log: list[str], count: int, fail_at: int | None = None):
             raise ValueError(f"item {k} failed")
         log.append(f"made {k}")
         yield k
+
+
+def test_written_files_get_the_permissions_of_a_new_file_not_a_temporary_one(tmp_path):
+    frame = pd.DataFrame({"a": [1]})
+    write_parquet(frame, tmp_path / "a.parquet")
+    write_xlsx(frame, tmp_path / "a.xlsx")
+    write_csv(frame, tmp_path / "a.csv")
+    assert UMASK & 0o044 == 0  # as here: a umask that lets others read new files
+    for name in ("a.parquet", "a.xlsx", "a.csv"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~UMASK, name
 
 
 def test_read_ahead_makes_the_next_item_while_this_one_is_used():

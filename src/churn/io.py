@@ -43,6 +43,8 @@ CSV_COMPRESSIONS = (".gz", ".zst")
 
 
 T = TypeVar("T")
+UMASK = os.umask(0o022)  # the process's umask, read once (setting it is the only way) ...
+os.umask(UMASK)  # ... and put back
 R = TypeVar("R")
 
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
@@ -375,12 +377,14 @@ def _read_whitespace_separated(con: ibis.BaseBackend, path: Path, encoding: str)
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only."""
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success only,
+    with the permissions a new file gets (a temporary file is private to its owner)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -396,7 +400,7 @@ def atomic_text(target: Path, *, encoding: str = "utf-8") -> Iterator[TextIO]:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
     except (AttributeError, OSError):  # no O_TMPFILE here: fall back to a named temporary
         with atomic_path(target) as tmp, tmp.open("w", encoding=encoding, newline="") as stream:
             yield stream
