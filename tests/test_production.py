@@ -242,6 +242,22 @@ def test_an_export_given_as_transactions_is_named_not_read(pipeline, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--model", "models:/churn/99"), "cannot load model 'models:/churn/99'"),
+        (("--model", "models:/churn@nosuch"), "cannot load model 'models:/churn@nosuch'"),
+        (("--as-of", "2011-09-11"), "--as-of and --events go with --transactions"),
+    ],
+    ids=["unknown-version", "unknown-alias", "as-of-alone"],
+)
+def test_bad_score_options_exit_2_with_one_line(pipeline, tmp_path, args, message):
+    done = churn(pipeline, "score", *args, "--out", str(tmp_path / "l.csv"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"churn: error: {message}")
+    assert not (tmp_path / "l.csv").exists()
+
+
+@pytest.mark.parametrize(
     ("stage", "missing", "earlier"),
     [
         ("features", "data/interim/transactions.parquet", "ingest"),

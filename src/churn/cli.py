@@ -238,6 +238,11 @@ def score(
     from churn.model import load_model
 
     settings = _settings()
+    if transactions is None and (as_of is not None or events is not None):
+        raise ChurnError(
+            "--as-of and --events go with --transactions; without it the pipeline's scoring "
+            "snapshot is scored (built at features.as_of by `churn features`)"
+        )
     if model is None:
         _require("train", settings.paths.model, settings.paths.model_info)
     else:

@@ -40,6 +40,12 @@ class ModelError(ChurnError):
     exit_code = 3
 
 
+class ModelNotFoundError(ModelError):
+    """No model at the directory or URI given: bad input (exit code 2), not a contract."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What a model was trained on, how its scores are calibrated, and what it expects.
@@ -523,7 +529,7 @@ def load_model(uri: str) -> ChurnModel:
     try:
         loaded = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MLflow raises several types; the user needs the URI and cause
-        raise ModelError(f"cannot load model '{uri}': {str(exc).splitlines()[0]}") from exc
+        raise ModelNotFoundError(f"cannot load model '{uri}': {str(exc).splitlines()[0]}") from exc
     model = loaded.unwrap_python_model()
     if not isinstance(model, ChurnModel):
         raise ModelError(f"'{uri}' is not a churn model (got {type(model).__name__})")
