@@ -596,11 +596,15 @@ def test_the_orders_of_a_large_history_spill_within_duckdb_memory_limit():
 @pytest.mark.slow
 def test_snapshots_are_byte_identical_from_run_to_run(pipeline, tmp_path):
     """DVC skips the stages after features only when its files are unchanged: the engine's
-    thread schedule must not reach the bytes (unit prices were a float sum)."""
+    thread schedule must not reach the bytes (unit prices and the spread of gaps were
+    floats summed in parallel)."""
     from churn import features
 
     s = pipeline.settings
     again = dataclasses.replace(s.paths, features=tmp_path / "features")
     features.run(s.features, again)
+    for name in ("train", "test", "score"):
+        first, second = (pd.read_parquet(p.features / f"{name}.parquet") for p in (s.paths, again))
+        pd.testing.assert_frame_equal(first, second, check_exact=True)  # names the column
     for name in ("train.parquet", "test.parquet", "score.parquet", "spec.json"):
         assert (again.features / name).read_bytes() == (s.paths.features / name).read_bytes()

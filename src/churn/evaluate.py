@@ -248,9 +248,7 @@ def _gate(
             else:
                 scores = {"c": incumbent.predict_proba(test)}
                 champion = evaluation(y_true, scores, settings)["c"]
-    promoted, reasons = gate_decision(challenger, champion, gate)
-    if not replaceable:
-        promoted, reasons = False, [r for r in reasons if r != "no champion to compare with"]
+    promoted, reasons = gate_decision(challenger, champion, gate) if replaceable else (False, [])
     reasons = notes + reasons
     if promoted:
         promote(name, version)

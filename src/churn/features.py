@@ -395,13 +395,25 @@ def purchase_day_features(history: History, orders: ir.Table, cutoff: date) -> i
     previous = days.day - days.gap
     other_month = (c - days.day) // 30 != (c - previous) // 30
     opens = days.gap.isnull() | (previous < c - 365) | other_month
-    return days.group_by("customer_id").agg(
+    gap = days.gap.cast("int64")
+    agg = days.group_by("customer_id").agg(
         purchase_days=days.count(),
         active_months_365d=days.count(where=year & opens),
         gap_mean_days=days.gap.mean(),
-        gap_std_days=days.gap.std(how="pop"),
+        _gaps=days.gap.count(),
+        _gap_sum=gap.sum(),
+        _gap_squares=(gap * gap).sum(),
         last_gap_days=days.gap.argmax(days.day),
         max_gap_365d=days.gap.max(where=year),
+    )
+    # The spread from exact integer sums: a float standard deviation's last bits follow the
+    # engine's thread schedule, and rounded snapshots would differ from run to run.
+    n = agg._gaps.nullif(0)
+    spread = (n * agg._gap_squares - agg._gap_sum * agg._gap_sum).cast("float64") / (n * n)
+    return (
+        agg.mutate(gap_std_days=spread.sqrt())
+        .relocate("gap_std_days", after="gap_mean_days")
+        .drop("_gaps", "_gap_sum", "_gap_squares")
     )
 
 

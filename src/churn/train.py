@@ -509,9 +509,7 @@ def input_signature(card: ModelCard) -> ModelSignature:
     """The MLflow signature of the model: every input a double (a count arrives as an
     integer, a count with a gap as a float; MLflow converts 32-bit integers, which snapshots
     hold), ``season_prior`` optional; the output a probability."""
-    inputs = [ColSpec("double", name) for name in card.features]
-    if card.season_prior is not None:
-        inputs.append(ColSpec("double", "season_prior", required=False))
+    inputs = [ColSpec("double", n, required=n != "season_prior") for n in model_inputs(card)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double")]))
 
 
