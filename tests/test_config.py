@@ -108,3 +108,26 @@ def test_bad_params_are_named(make_settings, overrides, message):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_settings(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "seed: 1\n engine: duckdb\n",
+            "at line 2, column 8: mapping values are not allowed here",
+        ),
+        (
+            "seed: 1\nfeatures:\n  windows_days: [30, 90\n  horizon_days: 90\n",
+            "at line 4, column 15: expected ',' or ']', but got ':' "
+            "(while parsing a flow sequence from line 3, column 17)",
+        ),
+    ],
+    ids=["indent", "unclosed-list"],
+)
+def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path, text, where):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as error:
+        load_settings(path)
+    assert str(error.value) == f"{path}: not valid YAML {where}; fix the syntax there"

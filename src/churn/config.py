@@ -286,13 +286,29 @@ def load_settings(path: Path) -> Settings:
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML{_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     settings = _build(Settings, raw, "")
     settings = _resolve_paths(settings, path.parent.resolve())
     _validate(settings)
     return settings
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where PyYAML's error is (line and column from 1) and what it found, on one line:
+    its own message spans several lines with a copy of the offending text."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:  # not a marked error, e.g. bytes that are not text
+        return ": " + " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}: {' '.join(problem.split())}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and (start.line, start.column) != (mark.line, mark.column):
+        where += f" ({context} from line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        where += f" ({context})"
+    return where + "; fix the syntax there"
 
 
 def settings_from_dict(raw: dict[str, Any], root: Path) -> Settings:
