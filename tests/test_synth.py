@@ -342,12 +342,22 @@ def test_synth_command_writes_files_the_pipeline_ingests(tmp_path: Path, make_se
     assert report["returns"] == {"lines": n_returns, "matched": n_returns, "unmatched": 0}
 
 
-def test_synth_command_rejects_a_bad_size(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--customers", "0"], "--customers: 0 is out of range; expected an integer >= 1"),
+        (["--months", "0"], "--months: 0 is out of range; expected an integer >= 1"),
+        (["--seed", "-1"], "--seed: -1 is out of range; expected an integer >= 0"),
+    ],
+    ids=["customers", "months", "seed"],
+)
+def test_synth_command_names_the_option_out_of_range(tmp_path: Path, args, message):
     from typer.testing import CliRunner
 
+    from churn import ChurnError
     from churn.cli import app
 
-    result = CliRunner().invoke(app, ["synth", "--customers", "0", "--out", str(tmp_path)])
-    assert isinstance(result.exception, SynthSpecError)
-    assert "n_customers: 0 is out of range" in str(result.exception)
+    result = CliRunner().invoke(app, ["synth", *args, "--out", str(tmp_path)])
+    assert isinstance(result.exception, ChurnError)
+    assert str(result.exception) == message
     assert not any(tmp_path.iterdir())

@@ -340,6 +340,9 @@ def rollback() -> None:
     log.info("champion: rolled back to version %s", version)
 
 
+_SYNTH_OPTIONS = {"n_customers": "--customers", "months": "--months", "seed": "--seed"}
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="Folder for the Parquet files (created if missing).")],
@@ -360,7 +363,11 @@ def synth(
         first = date.fromisoformat(start)
     except ValueError:
         raise ChurnError(f"--start: expected a date YYYY-MM-DD, got {start!r}") from None
-    spec = generator.SynthSpec(n_customers=customers, months=months, seed=seed, start=first)
+    try:
+        spec = generator.SynthSpec(n_customers=customers, months=months, seed=seed, start=first)
+    except generator.SynthSpecError as exc:
+        option = _SYNTH_OPTIONS.get(exc.field, f"SynthSpec.{exc.field}")
+        raise ChurnError(f"{option}: {exc.problem}") from None
     data = generator.generate(spec)
     paths = generator.write(data, out)
     churned = int(data.truth["churn_ts"].notna().sum())

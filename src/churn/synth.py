@@ -117,7 +117,13 @@ _LOYALTY_POINTS_SD = 0.5
 
 
 class SynthSpecError(ChurnError, ValueError):
-    """A :class:`SynthSpec` knob is out of its range."""
+    """A :class:`SynthSpec` knob is out of its range: ``field`` names it, ``problem`` says
+    what is wrong with its value (the command line names its own option instead)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"SynthSpec.{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -242,13 +248,13 @@ class SynthSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.start, date) or isinstance(self.start, datetime):
-            raise SynthSpecError(f"SynthSpec.start: {self.start!r} is not a datetime.date")
+            raise SynthSpecError("start", f"{self.start!r} is not a datetime.date")
         for spec_field in fields(self):
             value = getattr(self, spec_field.name)
             accept, expected = _RULES.get(spec_field.name, _NON_NEGATIVE)
             if spec_field.name != "start" and not (math.isfinite(value) and accept(value)):
                 raise SynthSpecError(
-                    f"SynthSpec.{spec_field.name}: {value!r} is out of range; expected {expected}"
+                    spec_field.name, f"{value!r} is out of range; expected {expected}"
                 )
 
 
