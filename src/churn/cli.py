@@ -16,7 +16,9 @@ import typer
 from churn import ChurnError
 
 app = typer.Typer(
-    help="Customer churn pipeline: ingest, features, train, evaluate, score.",
+    help="Customer churn pipeline. The stages ingest, features, train, evaluate, score and "
+    "report run in that order (`dvc repro` runs them all); promote and rollback move the "
+    "registry's champion alias; synth writes synthetic data and bench times the pipeline on it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
