@@ -13,6 +13,7 @@ from churn.actions import (
     select_by_value,
     select_top_probability,
     value_bands,
+    within_budget,
 )
 from churn.config import DuckDBSettings, ParamsError
 from churn.reasons import explain, has_phrase, phrase
@@ -149,6 +150,57 @@ def test_value_based_selection_beats_top_probability_by_hand(make_settings):
     assert frame["expected_value_saved"].tolist() == pytest.approx([290.0, -7.525, 15.0])
     assert select_by_value(frame, budget=20).tolist() == [True, False, True]
     assert select_top_probability(frame, budget=20).tolist() == [True, True, False]
+
+
+def _groups(*groups: tuple[int, float, float]) -> pd.DataFrame:
+    """A campaign table from (customers, action cost, expected value saved) groups, in order."""
+    rows = [(cost, saved) for n, cost, saved in groups for _ in range(n)]
+    return pd.DataFrame(rows, columns=["action_cost", "expected_value_saved"])
+
+
+def test_budget_an_action_no_longer_fits_goes_to_cheaper_ones_after_it():
+    # Value per cost: calls 800/20 = 40, early notes 17.5/0.5 = 35, the dear call 660/20 = 33,
+    # late notes 16/0.5 = 32. Calls and early notes spend 99 x 20 + 36 x 0.5 = 1998; the dear
+    # call does not fit in the 2 left, the first 4 late notes do (listed first, so the
+    # ranking, not the row order, decides).
+    frame = _groups((43, 0.5, 15.5), (1, 20.0, 640.0), (36, 0.5, 17.0), (99, 20.0, 780.0))
+    chosen = select_by_value(frame, budget=2000)
+    assert chosen.tolist() == [True] * 4 + [False] * 39 + [False] + [True] * 36 + [True] * 99
+    assert frame["action_cost"][chosen].sum() == 2000
+
+
+def test_top_probability_skips_an_action_that_no_longer_fits():
+    frame = pd.DataFrame(
+        {
+            "churn_probability": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+            "action_cost": [20.0, 10.0, 0.0, 5.0, 0.5, 0.0],
+        }
+    )
+    # 20 taken (5 left), 10 skipped, 0 is no action, 5 taken (0 left), 0.5 skipped.
+    assert select_top_probability(frame, budget=25).tolist() == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+
+
+def _greedy_one_by_one(cost: np.ndarray, budget: float) -> list[bool]:
+    taken, left = [], budget
+    for c in cost:
+        taken.append(bool(c <= left + 1e-9))
+        left -= c if taken[-1] else 0.0
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_within_budget_equals_a_customer_by_customer_pass(seed):
+    rng = np.random.default_rng(seed)
+    cost = rng.choice([0.0, 0.5, 1.0, 2.5, 8.0, 20.0], size=int(rng.integers(0, 60)))
+    budget = float(rng.integers(0, 120)) / 2
+    assert within_budget(cost, budget).tolist() == _greedy_one_by_one(cost, budget)
 
 
 def test_value_bands_by_quantile():

@@ -3,7 +3,8 @@
 Each customer gets exactly one action from the rule table in ``params.yaml`` (by RFM segment,
 risk tier and value band). The expected value an action saves is
 ``value_at_risk x save_rate - cost``; :func:`select_by_value` spends the
-budget where that is largest per unit of cost.
+budget where that is largest per unit of cost, skipping an action that no longer fits for
+cheaper ones that do.
 """
 
 from __future__ import annotations
@@ -54,8 +55,37 @@ def expected_value_saved(frame: pd.DataFrame, settings: ActionSettings) -> pd.Da
     return frame.assign(action_cost=cost, save_rate=rate, expected_value_saved=saved)
 
 
+def within_budget(cost: np.ndarray, budget: float) -> np.ndarray:
+    """Which of ``cost`` (in order of preference, each >= 0) a greedy pass takes: each whose
+    cost fits in what is left of ``budget``; one that does not fit is skipped and the pass
+    goes on to cheaper ones after it.
+
+    Each round takes the longest run of affordable costs at once (a cumulative sum) and drops
+    the first that no longer fits with every cost as large, so there are at most as many
+    rounds as distinct costs (the action catalogue's) plus one.
+
+    >>> within_budget(np.array([3.0, 5.0, 1.0, 2.0, 0.5]), 6.0).tolist()
+    [True, False, True, True, False]
+    """
+    taken = np.zeros(len(cost), dtype=bool)
+    left, start = float(budget), 0
+    while True:
+        affordable = start + np.flatnonzero(cost[start:] <= left + _CENT_FRACTION)
+        spent = np.cumsum(cost[affordable])
+        fits = int(np.searchsorted(spent, left + _CENT_FRACTION, side="right"))
+        taken[affordable[:fits]] = True
+        if fits == len(affordable):
+            return taken
+        left -= float(spent[fits - 1]) if fits else 0.0
+        start = int(affordable[fits]) + 1
+
+
+_CENT_FRACTION = 1e-9  # sums of costs in cents are not exact in binary: 0.1 + 0.2 > 0.3
+
+
 def select_by_value(frame: pd.DataFrame, budget: float) -> np.ndarray:
-    """Customers to contact: positive net value, best value per unit cost first, within budget.
+    """Customers to contact: positive net value, best value per unit cost first; one whose
+    action does not fit in the budget left is skipped for cheaper ones further down.
 
     Free actions with positive value are always taken; ties break by customer order.
     """
@@ -64,20 +94,20 @@ def select_by_value(frame: pd.DataFrame, budget: float) -> np.ndarray:
     gross = net + cost
     ratio = np.where(cost > 0, gross / np.where(cost > 0, cost, 1), np.inf)
     order = np.lexsort((np.arange(len(frame)), -ratio))
-    chosen = np.zeros(len(frame), dtype=bool)
     candidates = order[net[order] > 0]
-    spent = np.cumsum(cost[candidates])
-    chosen[candidates[spent <= budget + 1e-9]] = True
+    chosen = np.zeros(len(frame), dtype=bool)
+    chosen[candidates[within_budget(cost[candidates], budget)]] = True
     return chosen
 
 
 def select_top_probability(frame: pd.DataFrame, budget: float) -> np.ndarray:
-    """The naive list: riskiest customers first, each with their action, until the budget."""
+    """The naive list: riskiest customers first, each with their action, within the budget;
+    one whose action does not fit in what is left is skipped for cheaper ones further down."""
+    cost = frame["action_cost"].to_numpy()
     order = np.lexsort((np.arange(len(frame)), -frame["churn_probability"].to_numpy()))
-    acting = order[frame["action_cost"].to_numpy()[order] > 0]
-    spent = np.cumsum(frame["action_cost"].to_numpy()[acting])
+    acting = order[cost[order] > 0]
     chosen = np.zeros(len(frame), dtype=bool)
-    chosen[acting[spent <= budget + 1e-9]] = True
+    chosen[acting[within_budget(cost[acting], budget)]] = True
     return chosen
 
 
