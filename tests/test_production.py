@@ -83,11 +83,23 @@ def test_scores_registered_champion_byte_identically(pipeline, tmp_path):
     assert workbook["customer_id"].tolist() == scored["customer_id"].tolist()
 
 
+def _pipeline_reports(pipeline) -> dict[str, bytes | None]:
+    """The pipeline's own drift and campaign reports as they are now (None: not written)."""
+    paths = pipeline.settings.paths
+    return {
+        str(p): p.read_bytes() if p.exists() else None
+        for p in (paths.drift_report, paths.campaign_report)
+    }
+
+
 def test_campaign_value_based_beats_top_probability(pipeline, tmp_path):
-    params = _params_with(pipeline, tmp_path, paths={"campaign_report": str(tmp_path / "c.json")})
-    done = churn(pipeline, *score_args(pipeline, tmp_path / "l.csv"), params=params)
+    before = _pipeline_reports(pipeline)
+    done = churn(pipeline, *score_args(pipeline, tmp_path / "l.csv"))
     assert done.returncode == 0, done.stderr
-    campaign = json.loads((tmp_path / "c.json").read_text())
+    # An ad-hoc --out gets its reports beside it; the pipeline's are left alone.
+    assert _pipeline_reports(pipeline) == before
+    assert json.loads((tmp_path / "l.drift.json").read_text())["status"] in ("ok", "warn")
+    campaign = json.loads((tmp_path / "l.campaign.json").read_text())
     budget = campaign["budget"]
     assert 0 < campaign["value_based"]["spend"] <= budget
     assert 0 < campaign["top_probability"]["spend"] <= budget
@@ -133,17 +145,18 @@ def test_shifted_population_fails_on_drift_unless_allowed(pipeline, tmp_path):
     shifted["amount"] = shifted["amount"] * 25
     source = tmp_path / "shifted.parquet"
     shifted.to_parquet(source)
-    params = _params_with(pipeline, tmp_path, paths={"drift_report": str(tmp_path / "d.json")})
+    before = _pipeline_reports(pipeline)
     out = tmp_path / "list.csv"
-    done = churn(pipeline, *score_args(pipeline, out, source), params=params)
+    done = churn(pipeline, *score_args(pipeline, out, source))
     assert done.returncode == 4, done.stderr
     assert "population drift above drift.fail_psi" in done.stderr
     assert not out.exists()
-    report = json.loads((tmp_path / "d.json").read_text())
+    assert _pipeline_reports(pipeline) == before
+    report = json.loads((tmp_path / "list.drift.json").read_text())
     assert report["status"] == "fail"
     assert report["columns"]["monetary"]["status"] == "fail"
     assert report["columns"]["frequency"]["status"] == "ok"  # counts did not move
-    allowed = churn(pipeline, *score_args(pipeline, out, source), "--allow-drift", params=params)
+    allowed = churn(pipeline, *score_args(pipeline, out, source), "--allow-drift")
     assert allowed.returncode == 0, allowed.stderr
     assert out.exists()
 
@@ -306,4 +319,8 @@ def test_readme_production_script_runs_verbatim(pipeline, tmp_path):
     assert done.returncode == 0, done.stderr
     scored = pd.read_csv(project / "data/scored/retention_list.csv")
     assert len(scored) > 4000
+    # --out is the pipeline's own list, so the reports are the pipeline's too.
+    assert (project / "reports/drift.json").is_file()
+    assert (project / "reports/campaign.json").is_file()
+    assert sorted(p.name for p in (project / "data/scored").iterdir()) == ["retention_list.csv"]
     assert (scored["model_version"].astype(str) == _champion(pipeline)).all()

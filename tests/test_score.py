@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,13 @@ from churn.actions import (
 )
 from churn.config import DuckDBSettings, ParamsError
 from churn.reasons import explain, has_phrase, phrase
-from churn.score import _write_in_rank_order, retention_columns, risk_deciles, risk_tiers
+from churn.score import (
+    _write_in_rank_order,
+    report_paths,
+    retention_columns,
+    risk_deciles,
+    risk_tiers,
+)
 from churn.train import feature_columns
 from tests.conftest import ROOT, project_params, unsaved_model
 
@@ -201,6 +208,20 @@ def test_within_budget_equals_a_customer_by_customer_pass(seed):
     cost = rng.choice([0.0, 0.5, 1.0, 2.5, 8.0, 20.0], size=int(rng.integers(0, 60)))
     budget = float(rng.integers(0, 120)) / 2
     assert within_budget(cost, budget).tolist() == _greedy_one_by_one(cost, budget)
+
+
+def test_an_ad_hoc_list_gets_its_reports_beside_it(make_settings, tmp_path, monkeypatch):
+    paths = make_settings().paths
+    pipeline = (paths.retention_list, paths.drift_report, paths.campaign_report)
+    assert report_paths(None, paths) == pipeline
+    assert report_paths(paths.retention_list, paths) == pipeline
+    monkeypatch.chdir(tmp_path)  # the same file, spelled relative to the working folder
+    assert report_paths(Path("data/scored/retention_list.csv"), paths) == pipeline
+    assert report_paths(Path("adhoc/week 49.csv"), paths) == (
+        Path("adhoc/week 49.csv"),
+        Path("adhoc/week 49.drift.json"),
+        Path("adhoc/week 49.campaign.json"),
+    )
 
 
 def test_value_bands_by_quantile():

@@ -220,7 +220,13 @@ def score(
             "was trained with engagement events."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="CSV to write.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV to write. Default: paths.retention_list. Another file gets its drift and "
+            "campaign reports beside it (OUT-STEM.drift.json, OUT-STEM.campaign.json)."
+        ),
+    ] = None,
     allow_drift: Annotated[
         bool, typer.Option(help="Write the list even when drift exceeds drift.fail_psi.")
     ] = False,
@@ -260,10 +266,11 @@ def score(
         version = json.loads(settings.paths.model_info.read_text())["model_version"]
     else:
         version = _registry_version(uri)
+    retention_list, drift_report, campaign_report = stage.report_paths(out, settings.paths)
     job = stage.ScoreJob(
-        out=out or settings.paths.retention_list,
-        drift_report=settings.paths.drift_report,
-        campaign_report=settings.paths.campaign_report,
+        out=retention_list,
+        drift_report=drift_report,
+        campaign_report=campaign_report,
         model_version=version,
         allow_drift=allow_drift,
         xlsx=xlsx,

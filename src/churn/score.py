@@ -34,6 +34,7 @@ from churn.config import (
     DuckDBSettings,
     Engine,
     FeatureSettings,
+    Paths,
     ScoreSettings,
 )
 from churn.drift import DriftError, bin_counts, drift_status, psi
@@ -187,6 +188,18 @@ class ScoreJob:
     model_version: str
     allow_drift: bool = False
     xlsx: bool = False
+
+
+def report_paths(out: Path | None, paths: Paths) -> tuple[Path, Path, Path]:
+    """The retention list, drift report and campaign report a scoring run writes.
+
+    Without ``out``, or with the pipeline's own list, the pipeline's paths. Any other ``out``
+    gets its reports beside it, ``<stem>.drift.json`` and ``<stem>.campaign.json``: an
+    ad-hoc run never changes the outputs the pipeline tracks.
+    """
+    if out is None or out.resolve() == paths.retention_list.resolve():
+        return paths.retention_list, paths.drift_report, paths.campaign_report
+    return out, out.with_name(f"{out.stem}.drift.json"), out.with_name(f"{out.stem}.campaign.json")
 
 
 def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) -> None:
