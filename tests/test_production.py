@@ -25,8 +25,8 @@ from tests.conftest import ROOT, merge
 pytestmark = pytest.mark.slow
 
 
-def churn(pipeline, *args: str, params: Path | None = None, **env: str):
-    """Run ``python -m churn`` with the pipeline's params and tracking store."""
+def churn(pipeline, *args: str, params: Path | None = None, cwd: Path | None = None, **env: str):
+    """Run ``python -m churn`` with the pipeline's params and tracking store (in ``cwd``)."""
     environment = {**os.environ, "MLFLOW_TRACKING_URI": pipeline.tracking_uri, **env}
     return subprocess.run(
         [
@@ -38,6 +38,7 @@ def churn(pipeline, *args: str, params: Path | None = None, **env: str):
             *args,
         ],
         env=environment,
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=False,
@@ -111,6 +112,18 @@ def test_campaign_value_based_beats_top_probability(pipeline, tmp_path):
     chosen = scored[scored["selected"]]
     assert len(chosen) == campaign["value_based"]["customers"]
     assert chosen["action_cost"].sum() == pytest.approx(campaign["value_based"]["spend"])
+
+
+def test_the_pipelines_model_directory_is_listed_by_registry_version(pipeline, tmp_path):
+    other = tmp_path / "other_model"
+    shutil.copytree(pipeline.settings.paths.model, other)
+    expected = {"models/churn_model": pipeline.model_version, str(other): str(other)}
+    for model, version in expected.items():
+        out = tmp_path / "l.csv"
+        done = churn(pipeline, "score", "--model", model, "--out", str(out), cwd=pipeline.root)
+        assert done.returncode == 0, done.stderr
+        scored = pd.read_csv(out, encoding="utf-8-sig", dtype={"model_version": str})
+        assert set(scored["model_version"]) == {version}, model
 
 
 def _params_with(pipeline, tmp_path: Path, **overrides) -> Path:

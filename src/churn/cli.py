@@ -262,7 +262,8 @@ def score(
         stage.require_canonical(transactions, events)
     uri = model or str(settings.paths.model)
     churn_model = load_model(uri)
-    if model is None:
+    if Path(uri).resolve() == settings.paths.model.resolve():  # the pipeline's own model
+        _require("train", settings.paths.model_info)
         version = json.loads(settings.paths.model_info.read_text())["model_version"]
     else:
         version = _registry_version(uri)
@@ -415,7 +416,8 @@ def _as_of(text: str | None, transactions: Path) -> date:
 
 
 def _registry_version(uri: str) -> str:
-    """The registry version behind ``models:/name@alias`` or ``models:/name/N``; else the URI."""
+    """The registry version behind ``models:/name@alias`` or ``models:/name/N``; else the URI
+    (a ``runs:/`` URI or a model directory other than the pipeline's) as given."""
     if not uri.startswith("models:/"):
         return uri
     import mlflow
