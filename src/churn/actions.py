@@ -55,6 +55,9 @@ def expected_value_saved(frame: pd.DataFrame, settings: ActionSettings) -> pd.Da
     return frame.assign(action_cost=cost, save_rate=rate, expected_value_saved=saved)
 
 
+_CENT_FRACTION = 1e-9  # sums of costs in cents are not exact in binary: 0.1 + 0.2 > 0.3
+
+
 def within_budget(cost: np.ndarray, budget: float) -> np.ndarray:
     """Which of ``cost`` (in order of preference, each >= 0) a greedy pass takes: each whose
     cost fits in what is left of ``budget``; one that does not fit is skipped and the pass
@@ -78,9 +81,6 @@ def within_budget(cost: np.ndarray, budget: float) -> np.ndarray:
             return taken
         left -= float(spent[fits - 1]) if fits else 0.0
         start = int(affordable[fits]) + 1
-
-
-_CENT_FRACTION = 1e-9  # sums of costs in cents are not exact in binary: 0.1 + 0.2 > 0.3
 
 
 def select_by_value(frame: pd.DataFrame, budget: float) -> np.ndarray:
