@@ -13,7 +13,7 @@ import pytest
 
 from churn import ChurnError, ingest
 from churn.config import CANONICAL_COLUMNS
-from churn.io import InputError
+from churn.io import InputError, read_table
 from tests.conftest import SAMPLE
 
 MESSY = """Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country
@@ -607,6 +607,46 @@ def test_a_bad_line_past_the_sniff_sample_names_the_file_and_the_cause(
     )
     assert "ignore_errors" not in message
     assert not settings.paths.transactions.exists()
+
+
+def test_a_bad_line_within_the_sniff_sample_is_named_not_taken_for_the_header(
+    tmp_path, make_settings
+):
+    export = tmp_path / "short.csv"
+    lines = [f"{k},{k % 5},2021-01-01 10:00:00,1,2.5,P1,UK\n" for k in range(100)]
+    lines[48] = "99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra\n"  # line 50 of the file
+    export.write_text(
+        "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n" + "".join(lines)
+    )
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(f"{export}: cannot read: ")
+    assert re.search(r"CSV Error on Line: 50; Original Line: 99,1,.*,UK,extra; ", message)
+    assert "Expected Number of Columns: 7 Found: 8" in message
+    assert not settings.paths.transactions.exists()
+
+
+def test_an_empty_file_in_a_folder_is_named(tmp_path, make_settings):
+    (tmp_path / "a.csv").write_text(MESSY.replace(";", ","))
+    (tmp_path / "b.csv").write_text("")
+    settings = make_settings(data={"transactions": {"path": str(tmp_path)}})
+    with pytest.raises(InputError, match=r"^\S*b\.csv: empty file \(no header\); remove it"):
+        ingest.run(settings.data, settings.paths)
+    assert not settings.paths.transactions.exists()
+
+
+def test_a_header_names_repeated_and_empty_columns_as_duckdb_does(tmp_path):
+    export = tmp_path / "dup.csv"
+    export.write_text("a, b ,a,,a\n1,2,3,4,5\n")
+    assert read_table(ibis.duckdb.connect(), export, "csv").columns == (
+        "a",
+        "b",
+        "a_1",
+        "column3",
+        "a_2",
+    )
 
 
 def test_the_same_long_export_reads_with_its_encoding(tmp_path, make_settings):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import csv
 import glob
 import json
 import logging
@@ -47,6 +48,7 @@ UMASK = os.umask(0o022)  # the process's umask, read once (setting it is the onl
 os.umask(UMASK)  # ... and put back
 R = TypeVar("R")
 
+EMPTY_FILE = "empty file (no header); remove it or export it again"
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
 
 
@@ -259,7 +261,7 @@ def read_table(
         if fmt == "csv" and is_spark(con):
             # FAILFAST: a line with a field too many or too few stops the read, as on DuckDB,
             # where Spark's default mode would drop the extra field or pad with nulls.
-            return con.read_csv(
+            table = con.read_csv(
                 str(path),
                 sep=delimiter,
                 encoding=encoding,
@@ -267,12 +269,15 @@ def read_table(
                 header=True,
                 mode="FAILFAST",
             )
+            if not table.columns:
+                raise InputError(f"{path}: {EMPTY_FILE}")
+            return table
         if fmt == "csv":
-            return con.read_csv(
-                path, delim=delimiter, encoding=encoding, all_varchar=True, header=True
-            )
+            return _read_csv(con, path, delimiter, encoding)
         frame = pd.read_excel(path, dtype=str)
         return materialise(con, f"excel_{abs(hash(path))}", ibis.memtable(frame))
+    except InputError:
+        raise
     except Exception as exc:  # the engines raise many types; the user needs file + reason
         hint = f"; {csv_hint(section, delimiter, encoding)}" if fmt == "csv" else ""
         raise InputError(f"{path}: cannot read as {fmt}: {engine_cause(str(exc))}{hint}") from exc
@@ -355,6 +360,53 @@ def failed_file(message: str) -> str | None:
         r"while reading file (?:file://)?(\S+?)\.?(?:\s|$)", message
     )
     return found.group(1) if found else None
+
+
+def _read_csv(con: ibis.BaseBackend, path: Path, delimiter: str, encoding: str) -> ir.Table:
+    """A CSV export as text columns named by its first line. The header and the dialect are
+    given, not sniffed: DuckDB's sniffer takes a bad line among its first 20,480 for the
+    header, where a given header makes the read stop at that line, naming it."""
+    names = csv_header(con, path, delimiter, encoding)
+    return con.read_csv(
+        path,
+        delim=delimiter,
+        encoding=encoding,
+        header=True,
+        auto_detect=False,
+        columns=dict.fromkeys(names, "VARCHAR"),
+        quote='"',
+        escape='"',
+    )
+
+
+def csv_header(con: ibis.BaseBackend, path: Path, delimiter: str, encoding: str) -> list[str]:
+    """The column names on the first line of a CSV export (read by the engine, so compressed
+    exports work too): an empty name becomes ``column<k>``, a repeated one ``<name>_<n>``.
+
+    Raises
+    ------
+    InputError
+        When the file is empty.
+    """
+    lines = con.read_csv(
+        path,
+        delim="\x1f",  # a control character that text exports never hold: one column per line
+        header=False,
+        auto_detect=False,
+        columns={"line": "VARCHAR"},
+        quote="",
+        escape="",
+        encoding=encoding,
+    )
+    first = lines.limit(1).to_pyarrow()["line"].to_pylist()
+    if not first or first[0] is None:
+        raise InputError(f"{path}: {EMPTY_FILE}")
+    fields = next(csv.reader([first[0]], delimiter=delimiter))
+    names = [field.strip() or f"column{k}" for k, field in enumerate(fields)]
+    return [
+        name if (seen := names[:k].count(name)) == 0 else f"{name}_{seen}"
+        for k, name in enumerate(names)
+    ]
 
 
 def _read_whitespace_separated(con: ibis.BaseBackend, path: Path, encoding: str) -> ir.Table:
