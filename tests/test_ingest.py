@@ -57,6 +57,7 @@ def test_messy_rows_reconcile(messy_settings):
         "unparseable_ts": 1,
         "implausible_ts": 0,
         "non_finite_amount": 1,
+        "non_finite_quantity": 0,
     }
     assert summary.rows_kept == 3
     assert summary.customers == 2
@@ -455,6 +456,7 @@ def test_amounts_are_converted_to_the_reporting_currency(currency_settings):
         "unparseable_ts": 0,
         "implausible_ts": 0,
         "non_finite_amount": 0,
+        "non_finite_quantity": 0,
         "missing_currency": 1,
         "unknown_currency": 2,
     }
@@ -847,6 +849,55 @@ def test_mostly_non_numeric_amounts_stop_with_examples_and_the_settings(tmp_path
     assert "set data.transactions.decimal_separator: \",\" (now '.')" in message
     assert message.endswith("else check data.transactions.columns in params.yaml")
     assert not settings.paths.transactions.exists()
+
+
+def _with_line_totals(path: Path, text: str, make_settings):
+    """Settings for an export with customer, time, quantity and a line total."""
+    path.write_text(text)
+    columns = {**_line_totals("c", "t", "total"), "quantity": "qty"}
+    return make_settings(data={"transactions": {"path": str(path), "columns": columns}})
+
+
+def test_a_quantity_that_is_not_a_number_is_rejected_though_the_amount_is_given(
+    tmp_path, make_settings
+):
+    settings = _with_line_totals(
+        tmp_path / "orders.csv",
+        'c,t,qty,total\n1,2021-01-01,two,5\n2,2021-01-02,"1,000",5\n'
+        '3,2021-01-03,"-1,000",-5\n4,2021-01-04,,5\n5,2021-01-05,-2,-5\n6,2021-01-06,3,9\n'
+        "7,2021-01-07,1,1\n8,2021-01-08,1,1\n",
+        make_settings,
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rejected_by_reason["non_finite_quantity"] == 3
+    assert summary.rows_kept == 5
+    rejects = pd.read_parquet(settings.paths.rejects).set_index("source_customer_id")
+    assert rejects["source_quantity"].to_dict() == {"1": "two", "2": "1,000", "3": "-1,000"}
+    assert set(rejects["reason"]) == {"non_finite_quantity"}
+    kept = pd.read_parquet(settings.paths.transactions).set_index("customer_id")
+    # An empty quantity is allowed when the line total is given.
+    assert kept["is_return"].to_dict() == {
+        "4": False,
+        "5": True,
+        "6": False,
+        "7": False,
+        "8": False,
+    }
+
+
+def test_mostly_non_numeric_quantities_stop_naming_the_quantity(tmp_path, make_settings):
+    settings = _with_line_totals(
+        tmp_path / "orders.csv",
+        "c,t,qty,total\n1,2021-01-01,two,5\n2,2021-01-02,three,5\n3,2021-01-03,1,5\n",
+        make_settings,
+    )
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(
+        f"{tmp_path / 'orders.csv'}: 2 of 3 rows have no numeric quantity (quantity), e.g. "
+    )
+    assert "{'quantity': 'two'}" in message
 
 
 def test_event_values_read_with_the_comma_separator(tmp_path, messy_settings, make_settings):

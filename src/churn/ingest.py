@@ -67,7 +67,13 @@ LINE_COLUMNS = (
     "country",
     "is_return",
 )
-REJECT_REASONS = ("missing_customer_id", "unparseable_ts", "implausible_ts", "non_finite_amount")
+REJECT_REASONS = (
+    "missing_customer_id",
+    "unparseable_ts",
+    "implausible_ts",
+    "non_finite_amount",
+    "non_finite_quantity",
+)
 CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
 EVENT_REJECT_REASONS = (
     "missing_customer_id",
@@ -298,6 +304,8 @@ def parse_lines(
         (ts.isnull(), "unparseable_ts"),
         (_implausible(ts, run_at), "implausible_ts"),
         (amount.isnull() | amount.isnan() | amount.isinf(), "non_finite_amount"),
+        # A quantity given but not a number would hide a return ("-1,000") as a purchase.
+        (_given(raw.source_quantity) & ~_finite(quantity), "non_finite_quantity"),
     ]
     if currency_rates:
         rate = ibis.cases(
@@ -321,6 +329,18 @@ def parse_lines(
         is_return=is_return,
         reason=reason,
     )
+
+
+def _given(value: ir.Value) -> ir.BooleanValue:
+    """Whether a source value is there: not null, and not empty text."""
+    if not value.type().is_string():
+        return value.notnull()
+    return value.notnull() & (_text(value) != "")
+
+
+def _finite(number: ir.FloatingValue) -> ir.BooleanValue:
+    """Whether a number is there and neither NaN nor infinite."""
+    return number.notnull() & ~number.isnan() & ~number.isinf()
 
 
 def _implausible(ts: ir.TimestampValue, run_at: datetime) -> ir.BooleanValue:
@@ -616,7 +636,7 @@ def _check_usable(
     (a date format, a decimal separator, a column) rather than bad rows."""
     names = ", ".join(map(str, files))
     total = summary.rows_kept + summary.rows_rejected
-    for reason in ("unparseable_ts", "implausible_ts", "non_finite_amount"):
+    for reason in MAJORITY_REASONS:
         bad = summary.rejected_by_reason.get(reason, 0)
         if bad * 2 > total:
             cause = _mostly_rejected(parsed, reason, source=source, section=section)
@@ -640,11 +660,14 @@ REASON_SETTINGS = {
     "implausible_ts": "{section}.ts_format",
     "non_finite_amount": "{section}.decimal_separator and {section}.columns (amount, quantity, "
     "unit_price)",
+    "non_finite_quantity": "{section}.decimal_separator and {section}.columns.quantity",
     "missing_currency": "{section}.columns.currency",
     "unknown_currency": "{section}.currency_rates",
     "missing_event_type": "{section}.columns.event_type",
 }
 AMOUNT_COLUMNS = ("amount", "quantity", "unit_price")
+# Reasons that, for most rows, point at a wrong setting rather than at bad rows.
+MAJORITY_REASONS = ("unparseable_ts", "implausible_ts", "non_finite_amount", "non_finite_quantity")
 
 
 def _mostly_rejected(
@@ -653,11 +676,13 @@ def _mostly_rejected(
     """Why most rows were rejected for ``reason``, with examples of their source text and
     the setting to change."""
     failed = parsed.filter(parsed.reason == reason).limit(3)
-    if reason == "non_finite_amount":
-        mapped = [c for c in AMOUNT_COLUMNS if source.columns.get(c)]
+    if reason in ("non_finite_amount", "non_finite_quantity"):
+        what = reason.removeprefix("non_finite_")
+        numbers = AMOUNT_COLUMNS if what == "amount" else ("quantity",)
+        mapped = [c for c in numbers if source.columns.get(c)]
         examples = failed.select(**{c: failed[f"source_{c}"].cast("string") for c in mapped})
         return (
-            f"have no numeric amount ({', '.join(mapped)}), e.g. "
+            f"have no numeric {what} ({', '.join(mapped)}), e.g. "
             f"{examples.to_pyarrow().to_pylist()}; if the export writes decimals with a comma "
             f'(5,95), set {section}.decimal_separator: "," (now {source.decimal_separator!r}), '
             f"else check {section}.columns in params.yaml"
