@@ -209,6 +209,50 @@ def test_excel_export_is_read(tmp_path, make_settings):
     assert kept["amount"].tolist() == [3.0, 4.0]
 
 
+def _sheet(invoices: list[str], **renamed: str) -> pd.DataFrame:
+    """Lines of a workbook sheet, one per invoice; ``renamed`` renames columns."""
+    return pd.DataFrame(
+        {
+            "Invoice": invoices,
+            "Customer ID": ["7"] * len(invoices),
+            "InvoiceDate": ["2021-01-01 10:00:00"] * len(invoices),
+            "Quantity": ["1"] * len(invoices),
+            "Price": ["2.5"] * len(invoices),
+            "StockCode": ["A"] * len(invoices),
+            "Country": ["UK"] * len(invoices),
+        }
+    ).rename(columns=renamed)
+
+
+def test_every_sheet_of_a_workbook_is_read(tmp_path, make_settings):
+    export = tmp_path / "orders.xlsx"
+    with pd.ExcelWriter(export) as book:
+        _sheet(["1", "2"]).to_excel(book, sheet_name="2020", index=False)
+        _sheet(["3"]).to_excel(book, sheet_name="2021", index=False)
+        pd.DataFrame().to_excel(book, sheet_name="notes", index=False)  # empty: left out
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_read, summary.rows_kept) == (3, 3)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert sorted(kept["order_id"]) == ["1", "2", "3"]
+
+
+def test_sheets_with_different_columns_stop_naming_the_sheets(tmp_path, make_settings):
+    export = tmp_path / "orders.xlsx"
+    with pd.ExcelWriter(export) as book:
+        _sheet(["1"]).to_excel(book, sheet_name="orders", index=False)
+        _sheet(["2"], Price="Unit price").to_excel(book, sheet_name="pivot", index=False)
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(f"{export}: its sheets have different columns (sheet 'orders': [")
+    assert "sheet 'pivot': ['Invoice', 'Customer ID', 'InvoiceDate', 'Quantity', 'Unit price'" in (
+        message
+    )
+    assert not settings.paths.transactions.exists()
+
+
 def test_unreadable_file_is_named(tmp_path, make_settings):
     export = tmp_path / "broken.parquet"
     export.write_bytes(b"not parquet at all")

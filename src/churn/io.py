@@ -274,13 +274,36 @@ def read_table(
             return table
         if fmt == "csv":
             return _read_csv(con, path, delimiter, encoding)
-        frame = pd.read_excel(path, dtype=str)
+        frame = excel_sheets(path)
         return materialise(con, f"excel_{abs(hash(path))}", ibis.memtable(frame))
     except InputError:
         raise
     except Exception as exc:  # the engines raise many types; the user needs file + reason
         hint = f"; {csv_hint(section, delimiter, encoding)}" if fmt == "csv" else ""
         raise InputError(f"{path}: cannot read as {fmt}: {engine_cause(str(exc))}{hint}") from exc
+
+
+def excel_sheets(path: Path) -> pd.DataFrame:
+    """Every sheet of a workbook as text, one after another (columns matched by name);
+    empty sheets are left out.
+
+    Raises
+    ------
+    InputError
+        When the sheets with data do not have the same columns.
+    """
+    sheets = pd.read_excel(path, sheet_name=None, dtype=str)
+    filled = {name: frame for name, frame in sheets.items() if len(frame.columns) or len(frame)}
+    headers = {name: list(frame.columns) for name, frame in filled.items()}
+    if len({frozenset(columns) for columns in headers.values()}) > 1:
+        listed = "; ".join(f"sheet {name!r}: {columns}" for name, columns in headers.items())
+        raise InputError(
+            f"{path}: its sheets have different columns ({listed}); every sheet is read as "
+            "part of the export: give them the same header, or move the other sheets to "
+            "their own workbook"
+        )
+    frames = list(filled.values()) or list(sheets.values())[:1]
+    return pd.concat(frames, ignore_index=True)
 
 
 def csv_hint(section: str, delimiter: str, encoding: str) -> str:
