@@ -421,6 +421,48 @@ def test_wrong_date_format_shows_examples_and_format(tmp_path, make_settings):
     assert not settings.paths.transactions.exists()
 
 
+def test_one_export_in_another_date_format_stops_naming_that_file(tmp_path, make_settings):
+    """The other exports parse, so over all lines most do: the check is per file too."""
+    header = "c,t,v\n"
+    (tmp_path / "uk.csv").write_text(
+        header + "".join(f"{k},{k + 10}/01/2021 10:00,1\n" for k in range(10))
+    )
+    (tmp_path / "us.csv").write_text(
+        header + "1,01/13/2021 10:00,1\n2,01/14/2021 10:00,1\n"
+        "3,01/15/2021 10:00,1\n4,01/02/2021 10:00,1\n"
+    )
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(tmp_path),
+                "ts_format": "%d/%m/%Y %H:%M",
+                "columns": _line_totals("c", "t", "v"),
+            }
+        }
+    )
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(
+        f"{tmp_path / 'us.csv'}: 3 of 4 rows have a date that does not parse with ts_format "
+        "'%d/%m/%Y %H:%M', e.g. ['01/1"
+    )
+    assert "uk.csv" not in message
+    assert not settings.paths.transactions.exists()
+
+
+def test_lines_in_two_exports_are_one_line_of_the_first(tmp_path, make_settings):
+    """A line repeated across exports is removed once, and counted with the first file."""
+    header = "c,t,v\n"
+    (tmp_path / "a.csv").write_text(header + "1,2021-01-01,1\n2,2021-01-02,1\n")
+    (tmp_path / "b.csv").write_text(header + "2,2021-01-02,1\n3,x,1\n4,y,1\n")
+    settings = make_settings(
+        data={"transactions": {"path": str(tmp_path), "columns": _line_totals("c", "t", "v")}}
+    )
+    with pytest.raises(InputError, match=r"b\.csv: 2 of 2 rows have a date that does not parse"):
+        ingest.run(settings.data, settings.paths)
+
+
 def test_events_are_ingested_into_families(tmp_path, make_settings, messy_settings):
     events = tmp_path / "data" / "events" / "events.csv"
     events.write_text(

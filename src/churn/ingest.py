@@ -86,6 +86,9 @@ EVENT_REJECT_REASONS = (
 # slack covers any shop time zone ahead of UTC.
 EARLIEST_TS = datetime(1970, 1, 1)
 FUTURE_SLACK = timedelta(days=1)
+# The column DuckDB adds to Parquet exports read together: the index of each line's file.
+FILE_COLUMN = "_churn_file_index"
+FILE_INDEX = "int16"  # the type of a line's file index: a narrow key groups fast
 NUMERIC_COLUMNS = frozenset({"amount", "quantity", "unit_price", "value"})
 # Placeholders exports write for "no customer" (any case): missing, not one customer who
 # would merge every anonymous line.
@@ -177,9 +180,11 @@ def source_lines(
     path: Path,
     names: tuple[str, ...] = CANONICAL_COLUMNS,
     section: str = "data.transactions",
+    file: int | ir.IntegerColumn,
 ) -> ir.Table:
     """Select the mapped source columns of one export under canonical ``names``: as read
-    when typed so that no text is needed (see :func:`_typed`), otherwise as text.
+    when typed so that no text is needed (see :func:`_typed`), otherwise as text; and
+    ``file``, the index of the export each line is in (among the source's files).
 
     Raises
     ------
@@ -201,7 +206,8 @@ def source_lines(
             )
         column = table[source]
         selected[canonical] = column if _typed(column, canonical) else column.cast("string")
-    return table.select(**selected)
+    index = ibis.literal(file, FILE_INDEX) if isinstance(file, int) else file.cast(FILE_INDEX)
+    return table.select(**selected, file=index)
 
 
 def _typed(column: ir.Column, canonical: str) -> bool:
@@ -463,10 +469,11 @@ def _read_unique(
     section: str,
 ) -> tuple[ir.Table, dict[str, int], list[Path]]:
     """All exports of one source, exact duplicate lines removed (an expression the caller
-    computes once); rows per file. A column the exports type differently is read as text."""
+    computes once), each line with the index of the ``file`` it came from (the first when
+    several hold it); rows per file. A column the exports type differently is read as text."""
     files = expand_inputs(source.path, section=section, declared_format=source.format)
     per_file, frames, kinds = {}, [], set()
-    for path in files:
+    for index, path in enumerate(files):
         fmt = file_format(path, source.format, section=section)
         table = read_table(
             con,
@@ -479,24 +486,42 @@ def _read_unique(
         kinds.add((fmt, table.schema()))
         with reading(con, [path], hint=_read_hint(source, [path], section=section)):
             per_file[_display(path)] = int(table.count().execute())
-        frames.append(source_lines(table, source.columns, path=path, names=names, section=section))
+        frames.append(
+            source_lines(table, source.columns, path=path, names=names, section=section, file=index)
+        )
     if sum(per_file.values()) == 0:
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
     if len(files) > 1 and len(kinds) == 1 and fmt == "parquet" and not is_spark(con):
         # Parquet exports of one schema are read as one table: DuckDB then scans the files
         # side by side, where it scans a union's one after another (a distinct of 99M lines
         # in 20 files: 32 s against 48 s).
-        table = con.read_parquet(files)
-        frames = [source_lines(table, source.columns, path=files[0], names=names, section=section)]
+        table = _read_parquet_indexed(con, files)
+        lines = source_lines(
+            table,
+            source.columns,
+            path=files[0],
+            names=names,
+            section=section,
+            file=table[FILE_COLUMN],
+        )
+        frames = [lines]
     mixed = [c for c in names if len({frame[c].type() for frame in frames}) > 1]
     frames = [frame.mutate(**{c: frame[c].cast("string") for c in mixed}) for frame in frames]
-    # One distinct over every export (Ibis nests a distinct union pairwise, which hashes
+    # One grouping over every export (Ibis nests a distinct union pairwise, which hashes
     # each line once per level), on the mapped columns: the others are null throughout.
     mapped = [c for c in names if source.columns.get(c) is not None]
-    unique = ibis.union(*[frame.select(*mapped) for frame in frames]).distinct()
+    lines = ibis.union(*[frame.select(*mapped, "file") for frame in frames])
+    unique = lines.group_by(mapped).agg(file=lines.file.min())
     unmapped = {c: ibis.null(frames[0][c].type()) for c in names if c not in mapped}
-    unique = unique.mutate(**unmapped).select(*names)
+    unique = unique.mutate(**unmapped).select(*names, "file")
     return unique, per_file, files
+
+
+def _read_parquet_indexed(con: ibis.BaseBackend, files: list[Path]) -> ir.Table:
+    """Parquet ``files`` read as one table on DuckDB, with each line's index in ``files`` as
+    ``FILE_COLUMN`` (DuckDB's ``file_index``)."""
+    listed = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
+    return con.sql(f"SELECT *, file_index AS {FILE_COLUMN} FROM read_parquet([{listed}])")
 
 
 def _read_hint(source: TransactionSource | EventSource, files: list[Path], *, section: str) -> str:
@@ -632,15 +657,20 @@ def _check_usable(
     source: TransactionSource | EventSource,
     section: str,
 ) -> None:
-    """Stop when nothing is usable, or when most rows fail the same check: a wrong setting
-    (a date format, a decimal separator, a column) rather than bad rows."""
+    """Stop when nothing is usable, or when most rows of a file fail the same check: a wrong
+    setting (a date format, a decimal separator, a column) rather than bad rows. The files
+    that fail it are named: one export in another date format is not hidden by the others."""
     names = ", ".join(map(str, files))
-    total = summary.rows_kept + summary.rows_rejected
+    by_file = _reasons_by_file(parsed)
     for reason in MAJORITY_REASONS:
-        bad = summary.rejected_by_reason.get(reason, 0)
-        if bad * 2 > total:
-            cause = _mostly_rejected(parsed, reason, source=source, section=section)
-            raise InputError(f"{names}: {bad} of {total} rows {cause}")
+        failing = [k for k in range(len(files)) if _mostly(by_file.get(k, {}), reason)]
+        if failing:
+            bad = sum(by_file[k].get(reason, 0) for k in failing)
+            total = sum(sum(by_file[k].values()) for k in failing)
+            examples = parsed.filter(parsed.file.isin(failing))
+            cause = _mostly_rejected(examples, reason, source=source, section=section)
+            failed = ", ".join(str(files[k]) for k in failing)
+            raise InputError(f"{failed}: {bad} of {total} rows {cause}")
     if summary.rows_kept == 0:
         by_reason = summary.rejected_by_reason
         dominant = max(by_reason, key=by_reason.__getitem__)
@@ -651,6 +681,27 @@ def _check_usable(
             f"most are {dominant}: check {REASON_SETTINGS[dominant].format(section=section)} "
             "in params.yaml"
         )
+
+
+def _reasons_by_file(parsed: ir.Table) -> dict[int, dict[str, int]]:
+    """Lines per file index of :func:`parse_lines` (or :func:`parse_events`) by reason,
+    ``kept`` for the kept ones."""
+    counts = parsed.group_by("file", reason=parsed.reason.fill_null("kept")).agg(n=parsed.count())
+    by_file: dict[int, dict[str, int]] = {}
+    for file, reason, n in counts.execute().itertuples(index=False, name=None):
+        by_file.setdefault(int(file), {})[reason] = int(n)
+    return by_file
+
+
+def _mostly(counts: dict[str, int], reason: str) -> bool:
+    """Whether more than half the lines counted by reason have ``reason``.
+
+    >>> _mostly({"kept": 2, "unparseable_ts": 3}, "unparseable_ts")
+    True
+    >>> _mostly({"kept": 2, "unparseable_ts": 2}, "unparseable_ts")
+    False
+    """
+    return counts.get(reason, 0) * 2 > sum(counts.values())
 
 
 # What to check in params.yaml when most rows are rejected for a reason.
