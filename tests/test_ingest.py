@@ -393,6 +393,29 @@ def test_exports_typed_differently_are_read_as_text(tmp_path, make_settings):
     assert {str(t) for t in kept["ts"]} == {"2021-06-01 12:00:00", "2021-06-02 11:30:00"}
 
 
+def test_typed_parquet_times_beside_csv_text_in_a_ts_format_are_kept(tmp_path, make_settings):
+    archive = TYPED.assign(InvoiceDate=pd.to_datetime(["2009-12-01 09:06"] * 4))
+    archive.to_parquet(tmp_path / "archive.parquet", index=False)
+    (tmp_path / "export.csv").write_text(
+        "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n"
+        "7,13085,02/12/2009 10:30,1,2.0,A,UK\n8,13085,13/12/2009 11:00,1,2.0,A,UK\n"
+    )
+    settings = make_settings(
+        data={"transactions": {"path": str(tmp_path), "ts_format": "%d/%m/%Y %H:%M"}}
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    # The archive holds its line 1 twice: one copy is removed.
+    assert (summary.rows_kept, summary.rows_rejected, summary.duplicates_removed) == (5, 0, 1)
+    kept = pd.read_parquet(settings.paths.transactions).set_index("order_id")
+    assert {k: str(t) for k, t in kept["ts"].items()} == {
+        "1": "2009-12-01 09:06:00",
+        "2": "2009-12-01 09:06:00",
+        "3": "2009-12-01 09:06:00",
+        "7": "2009-12-02 10:30:00",
+        "8": "2009-12-13 11:00:00",
+    }
+
+
 def test_unknown_time_zone_is_named(tmp_path, make_settings):
     settings = make_settings(data={"transactions": {"timezone": "Mars/Olympus"}})
     with pytest.raises(ChurnError, match=r"unknown time zone 'Mars/Olympus'"):

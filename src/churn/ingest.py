@@ -95,6 +95,8 @@ NUMERIC_COLUMNS = frozenset({"amount", "quantity", "unit_price", "value"})
 MISSING_IDS = ("null", "n/a", "na", "nan", "none", "-")
 # What Ibis's strip removes; a text with none of them at either end is left as it is.
 BLANKS = " \t\n\r\v\f"
+# The start of an ISO 8601 date ("2021-06-01 ..."), read as such whatever the ts_format.
+ISO_DATE = r"^\d{4}-\d\d-\d\d"
 # A time followed by an offset or a zone name ("10:00:00+02:00", "10:00Z", "10:00 UTC").
 ZONED_TIME = r":\d\d(\.\d*)?\s*([+-]\d|[A-Za-z])"
 
@@ -257,14 +259,26 @@ def _customer(value: ir.Value) -> ir.StringValue:
 
 def _timestamp(value: ir.Value, ts_format: str | None, *, spark: bool = False) -> ir.TimestampValue:
     """Naive timestamp in the session's time zone (data.*.timezone); null where text does
-    not parse. A zoned value is converted into that zone; a naive one is taken as in it."""
+    not parse. A zoned value is converted into that zone; a naive one is taken as in it.
+    Text is read with ``ts_format``, and an ISO 8601 date (``2021-06-01 ...``) as ISO."""
     if not value.type().is_string():
         return value.cast("timestamp")
     text = _text(value)
-    if ts_format and spark:
-        return _try_to_timestamp(text, java_pattern(ts_format))
-    if ts_format:
-        return _try_strptime(text, ts_format)
+    if not ts_format:
+        return _iso_timestamp(text)
+    if spark:
+        formatted = _try_to_timestamp(text, java_pattern(ts_format))
+    else:
+        formatted = _try_strptime(text, ts_format)
+    # A typed timestamp of one export reaches here as ISO text when another gives text (see
+    # _read_unique): ISO dates, which no format misreads, are taken beside ts_format.
+    iso = ibis.cases((text.re_search(ISO_DATE), _iso_timestamp(text)), else_=ibis.null("timestamp"))
+    return formatted.coalesce(iso)
+
+
+def _iso_timestamp(text: ir.StringValue) -> ir.TimestampValue:
+    """An ISO 8601 text as a naive timestamp in the session's time zone; null where it does
+    not parse."""
     # Only a time with an offset or zone needs the zoned type, which parses 3x slower;
     # a naive cast drops the offset, so it is kept for times that have none.
     zoned = text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
