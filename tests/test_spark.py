@@ -258,3 +258,63 @@ def test_a_bad_line_deep_in_an_export_names_the_file_on_spark(tmp_path, spark_co
     assert "Malformed CSV record: 99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra" in message
     assert "\tat " not in message  # no Java stack frames
     assert message.endswith("data.transactions.csv_encoding (now 'utf-8') in params.yaml")
+
+
+def test_spark_reads_typed_parquet_times_beside_csv_text_as_duckdb(tmp_path, spark_con):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    archive = pd.DataFrame(
+        {
+            "Invoice": ["1", "2"],
+            "Customer ID": ["13085", "13086"],
+            "InvoiceDate": pd.to_datetime(["2009-12-01 09:06", "2009-12-01 10:00"]),
+            "Quantity": [2, 1],
+            "Price": [4.33, 1.0],
+            "StockCode": ["A", "B"],
+            "Country": ["UK", "UK"],
+        }
+    )
+    archive.to_parquet(folder / "archive.parquet", index=False)
+    (folder / "export.csv").write_text(
+        "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n"
+        "7,13085,02/12/2009 10:30,1,2.0,A,UK\n8,13085,13/12/2009 11:00,1,2.0,A,UK\n"
+    )
+    source = {"path": str(folder), "ts_format": "%d/%m/%Y %H:%M"}
+    duck, spark = (
+        _ingest_on(engine, tmp_path / engine, {"data": {"transactions": source}}, None).paths
+        for engine in ("duckdb", "spark")
+    )
+    expected = pd.read_parquet(duck.transactions)
+    assert len(expected) == 4
+    assert_same_table(expected, pd.read_parquet(spark.transactions), list(expected.columns))
+    assert _report(spark.ingest_report) == _report(duck.ingest_report)
+
+
+def test_one_export_in_another_date_format_is_named_on_spark(tmp_path, spark_con):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "uk.csv").write_text(
+        "c,t,v\n" + "".join(f"{k},{k + 10}/01/2021 10:00,1\n" for k in range(10))
+    )
+    (folder / "us.csv").write_text(
+        "c,t,v\n1,01/13/2021 10:00,1\n2,01/14/2021 10:00,1\n3,01/02/2021 10:00,1\n"
+    )
+    source = {
+        "path": str(folder),
+        "ts_format": "%d/%m/%Y %H:%M",
+        "columns": line_totals("c", "t", "v"),
+    }
+    with pytest.raises(
+        InputError, match=r"^\S*/us\.csv: 2 of 3 rows have a date that does not parse"
+    ):
+        _ingest_on("spark", tmp_path / "spark", {"data": {"transactions": source}}, None)
+
+
+def test_an_empty_export_is_named_on_spark(tmp_path, spark_con):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.csv").write_text(MESSY)
+    (folder / "b.csv").write_text("")
+    source = {"path": str(folder), "csv_delimiter": ";"}
+    with pytest.raises(InputError, match=r"^\S*/b\.csv: empty file \(no header\)"):
+        _ingest_on("spark", tmp_path / "spark", {"data": {"transactions": source}}, None)
