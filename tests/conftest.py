@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SAMPLE = ROOT / "data" / "sample"
+# For tests of the wiring (DVC, a tracking server): tuning is tested in test_train_evaluate.
+NO_TUNING = {"train": {"n_trials": 0}}
 
 
 def project_params() -> dict[str, Any]:

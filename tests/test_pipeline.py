@@ -23,10 +23,9 @@ from churn.features import MIN_BTYD_BUYERS, Engagement, engagement_features, wit
 from churn.model import load_model
 from churn.synth import TRANSACTION_COLUMNS, SynthSpec, generate, write
 from churn.train import build_model
-from tests.conftest import ROOT, SAMPLE, merge, project_params
+from tests.conftest import NO_TUNING, ROOT, SAMPLE, merge, project_params
 
 pytestmark = pytest.mark.slow
-NO_TUNING = {"train": {"n_trials": 0}}  # the wiring is under test here; tuning is in test_train
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -109,7 +108,8 @@ def test_dvc_experiment_with_a_param_override(repo):
     root, env = repo
     _run(["git", "add", "dvc.lock"], root, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], root, env)
-    _run(["dvc", "exp", "run", "-S", "train.num_leaves=63", "--name", "leaves63"], root, env)
+    # --temp: the experiment runs in a copy, the workspace keeps the repro's outputs
+    _run(["dvc", "exp", "run", "--temp", "-S", "train.num_leaves=63", "-n", "leaves63"], root, env)
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], root, env))
     flat = json.dumps(shown)
     assert "leaves63" in flat

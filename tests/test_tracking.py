@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import ROOT, SAMPLE, merge, project_params
+from tests.conftest import NO_TUNING, ROOT, SAMPLE, merge, project_params
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,9 @@ def test_pipeline_trains_registers_and_scores_over_http(server, tmp_path):
         frame[frame["Customer ID"].fillna(0) % 3 == 0].to_parquet(
             tmp_path / "data/sample" / path.name
         )
-    params = merge(project_params(), {"data": {"transactions": {"path": "data/sample"}}})
+    params = merge(
+        project_params(), {"data": {"transactions": {"path": "data/sample"}}, **NO_TUNING}
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
     for command in (
