@@ -33,8 +33,8 @@ install-spark: $(VENV)/.installed-spark ## Add PySpark (the spark extra) for eng
 run: install ## Run the whole pipeline (dvc repro) on the data named in params.yaml
 	dvc repro
 
-test: install ## Run the test suite
-	pytest
+test: install ## Run the test suite (a module per worker, up to 4 workers)
+	pytest --numprocesses auto --maxprocesses 4 --dist loadscope
 
 bench: install ## Benchmark 1M and 10M synthetic rows into reports/bench.json (BENCH_ARGS=--100m)
 	python -m benchmarks.run $(BENCH_ARGS)
