@@ -34,7 +34,9 @@ EPOCH = date(1970, 1, 1)
 ID_COLUMNS = ("customer_id", "cutoff")
 LABEL = "churned"
 TREND_DAYS = 90
-PRICE_UNITS = 1_000_000  # unit prices are summed in millionths of the currency
+# Money and quantities are summed as integer millionths: a float sum's last bits follow the
+# engine's thread schedule, and a rounded feature would then differ from run to run.
+MILLIONTHS = 1_000_000
 ENGAGEMENT_WINDOWS = (30, 90)
 MIN_BTYD_BUYERS = 10  # repeat buyers a snapshot needs before BTYD models are fitted to it
 # BG/NBD's P(alive) is left out: it is exactly 1 for every one-time buyer, so its
@@ -129,11 +131,11 @@ class History:
     """
 
     # Purchase orders: first and last day, value, products, purchase lines, units and unit
-    # prices, whether a line has a positive amount (, online, country).
+    # prices (in MILLIONTHS), whether a line has a positive amount (, online, country).
     orders: ir.Table
     open_lines: ir.Table  # the purchase lines of orders spanning days, with their last day
-    # Per customer and day with a return line: the value returned and the return orders
-    # begun that day.
+    # Per customer and day with a return line: the value returned (in MILLIONTHS) and the
+    # return orders begun that day.
     return_days: ir.Table
     # Per customer and day: the products bought for the first time that day.
     product_days: ir.Table
@@ -147,11 +149,11 @@ class History:
 
 
 def _order_totals(bought: ir.Table) -> ir.Table:
-    """One row per order of the ``bought`` lines: customer, order, first day, value, the
-    lines with a product (the basket size), the lines of positive quantity with their units
-    and summed unit prices (in ``PRICE_UNITS``), whether any line has a positive amount,
-    ``online`` and ``country`` when lines have them (an order has one country; the greatest
-    when its lines disagree), and last day.
+    """One row per order of the ``bought`` lines: customer, order, first day, value (in
+    ``MILLIONTHS``), the lines with a product (the basket size), the lines of positive
+    quantity with their units and summed unit prices (in ``MILLIONTHS`` too), whether any line
+    has a positive amount, ``online`` and ``country`` when lines have them (an order has one
+    country; the greatest when its lines disagree), and last day.
 
     One group-by of the lines. A product on two lines of an order counts twice: counting
     distinct products would take a second group-by, by order and product, over every line
@@ -162,20 +164,22 @@ def _order_totals(bought: ir.Table) -> ir.Table:
         optional["country"] = bought.country.max()
     return bought.group_by("customer_id", "order_id").agg(
         day=bought.day.min(),
-        value=bought.amount.sum(),
+        value=in_millionths(bought.amount).sum(),
         products=bought.product_id.count().cast("int32"),  # a line without a product: none
         lines=counted.cast("int32").sum().cast("int32"),
-        units=ibis.cases((counted, bought.quantity), else_=0.0).sum(),
-        # In millionths, summed as integers: a float sum's last bits follow the engine's
-        # thread schedule, and rounding the mean would then differ from run to run.
+        units=ibis.cases((counted, in_millionths(bought.quantity)), else_=0).sum(),
         unit_prices=ibis.cases(
-            (counted, (bought.amount / bought.quantity * PRICE_UNITS).round().cast("int64")),
-            else_=0,
+            (counted, in_millionths(bought.amount / bought.quantity)), else_=0
         ).sum(),
         positive=(bought.amount > 0).any(),
         **optional,
         last_day=bought.day.max(),
     )
+
+
+def in_millionths(number: ir.FloatingValue) -> ir.IntegerValue:
+    """A number (of money, of units) in whole millionths: integers sum exactly in any order."""
+    return (number.cast("float64") * MILLIONTHS).round().cast("int64")
 
 
 def history(
@@ -205,7 +209,9 @@ def history(
     release(con, named)
     returns = lines.filter(lines.is_return)
     return_orders = returns.group_by("customer_id", "order_id").agg(day=returns.day.min())
-    return_days = returns.group_by("customer_id", "day").agg(returned_value=-returns.amount.sum())
+    return_days = returns.group_by("customer_id", "day").agg(
+        returned_value=-in_millionths(returns.amount).sum()
+    )
     return_days = return_days.left_join(
         _count_per_day(return_orders, "new_return_orders"), ["customer_id", "day"]
     ).drop("customer_id_right", "day_right")
@@ -267,9 +273,9 @@ def order_features(
     def orders_in(where: ir.BooleanValue) -> ir.IntegerScalar:
         return orders.count(where=where)
 
-    def spend_in(where: ir.BooleanValue) -> ir.FloatingScalar:
+    def spend_in(where: ir.BooleanValue | None = None) -> ir.FloatingScalar:
         # A filtered aggregate: engines skip the rows outside (faster than a CASE per row).
-        return orders.value.sum(where=where).fill_null(0.0)
+        return (orders.value.sum(where=where).fill_null(0) / MILLIONTHS).cast("float64")
 
     windowed = {}
     for w in windows:
@@ -287,8 +293,8 @@ def order_features(
         recency_days=c - orders.day.max(),
         tenure_days=c - orders.day.min(),
         frequency=orders.count(),
-        monetary=orders.value.sum(),
-        mean_order_value=orders.value.mean(),
+        monetary=spend_in(),
+        mean_order_value=spend_in() / orders.count(),
         _orders_recent=orders_in(recent),
         _orders_previous=orders_in(previous),
         _spend_recent=spend_in(recent),
@@ -313,8 +319,8 @@ def order_features(
         spend_share_same_window_last_year=agg.spend_same_window_last_year
         / ibis.greatest(agg._spend_year, 1.0),
         basket_size_trend=agg._products_recent / agg._products_before,
-        mean_units_per_line=agg._units / agg._lines.nullif(0).cast("float64"),
-        mean_unit_price=agg._unit_prices / agg._lines.nullif(0).cast("float64") / PRICE_UNITS,
+        mean_units_per_line=agg._units / agg._lines.nullif(0).cast("float64") / MILLIONTHS,
+        mean_unit_price=agg._unit_prices / agg._lines.nullif(0).cast("float64") / MILLIONTHS,
     ).drop(*(c for c in agg.columns if c.startswith("_")))
 
 
@@ -423,7 +429,7 @@ def return_features(history: History, cutoff: date) -> ir.Table:
     c = day_number(cutoff)
     days = history.return_days.filter(history.return_days.day < c)
     return days.group_by("customer_id").agg(
-        returned_value=days.returned_value.sum(),
+        returned_value=(days.returned_value.sum() / MILLIONTHS).cast("float64"),
         return_orders=days.new_return_orders.sum(),
         days_since_return=c - days.day.max(),
     )
@@ -479,7 +485,8 @@ def engagement_features(engagement: Engagement, cutoff: date) -> ir.Table:
         if survey in engagement.families:
             answered = ev.family == survey
             scores[f"{survey}_last"] = ev.value.argmax(ev.ts, where=answered & ev.value.notnull())
-            scores[f"{survey}_mean"] = ev.value.mean(where=answered)
+            total = in_millionths(ev.value).sum(where=answered)
+            scores[f"{survey}_mean"] = total / ev.value.count(where=answered) / MILLIONTHS
     recent = ev.day >= c - TREND_DAYS
     previous = (ev.day >= c - 2 * TREND_DAYS) & (ev.day < c - TREND_DAYS)
     agg = ev.group_by("customer_id").agg(
@@ -808,6 +815,7 @@ def feature_spec(settings: FeatureSettings, families: tuple[str, ...] = ()) -> d
         for f in (
             with_day,
             History,
+            in_millionths,
             _order_totals,
             history,
             _count_per_day,
