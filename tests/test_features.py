@@ -476,6 +476,22 @@ def _snapshot_with(frame: pd.DataFrame, settings: FeatureSettings) -> pd.DataFra
     return customer_features(history(table, settings), CUTOFF, settings).to_pandas()
 
 
+def test_money_sums_are_exact_whatever_the_order_of_the_lines():
+    """0.1 + 0.2 is 0.30000000000000004 in floats in either order; in integer millionths it
+    is 0.3, so a sum cannot depend on the order the engine's threads add the lines in."""
+    frame = tx(
+        [
+            ("X", "R1", "2021-03-01 10:00", -0.1),  # the first line: the 30 days are observed
+            ("X", "O1", "2021-03-05 10:00", 0.1),
+            ("X", "O2", "2021-03-06 10:00", 0.2),
+            ("X", "R2", "2021-03-07 10:00", -0.2),
+        ]
+    )
+    x = _snapshot_with(frame, SETTINGS).set_index("customer_id").loc["X"]
+    assert (x["monetary"], x["spend_30d"], x["returned_value"]) == (0.3, 0.3, 0.3)
+    assert x["mean_order_value"] == 0.15
+
+
 def test_clv_falls_back_to_yearly_spend_net_of_returns_without_enough_buyers():
     # Three customers, none with repeat purchases: no BTYD fit, clv_12m is the yearly spend
     # (over at least a year of tenure) kept after returns, never negative.
