@@ -294,7 +294,6 @@ def order_features(
         tenure_days=c - orders.day.min(),
         frequency=orders.count(),
         monetary=spend_in(),
-        mean_order_value=spend_in() / orders.count(),
         _orders_recent=orders_in(recent),
         _orders_previous=orders_in(previous),
         _spend_recent=spend_in(recent),
@@ -310,6 +309,9 @@ def order_features(
         _units=orders.units.sum(),
         _unit_prices=orders.unit_prices.sum(),
         **windowed,
+    )
+    agg = agg.mutate(mean_order_value=agg.monetary / agg.frequency).relocate(
+        "mean_order_value", after="monetary"
     )
     # Ratios are smoothed by one order / one unit of spend so new and idle customers stay finite.
     # Null where a customer has no basket before or in the last TREND_DAYS.

@@ -21,6 +21,7 @@ Counts reconcile: rows read = kept + rejected + exact duplicates removed.
 
 from __future__ import annotations
 
+import collections
 import difflib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -571,8 +572,9 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
     # its cache when the summary reads it).
     with reading(con, files, hint=_read_hint(source, files, section="data.transactions")):
         parsed = materialise(con, "parsed_lines", sources_of_rejects(parsed))
-        summary = _summarise(parsed, per_file=per_file, reasons=reasons)
-    _check_usable(parsed, summary, files=files, source=source, section="data.transactions")
+        by_file = _reasons_by_file(parsed)
+        summary = _summarise(parsed, by_file, per_file=per_file, reasons=reasons)
+    _check_usable(parsed, summary, by_file, files=files, source=source, section="data.transactions")
     has_events = bool(
         expand_inputs(
             events.path, allow_empty=True, section="data.events", declared_format=events.format
@@ -632,8 +634,9 @@ def _ingest_events(
     )
     with reading(con, files, hint=_read_hint(source, files, section="data.events")):
         parsed = materialise(con, "parsed_events", sources_of_rejects(parsed))
-        summary = _summarise(parsed, per_file=per_file, reasons=EVENT_REJECT_REASONS)
-    _check_usable(parsed, summary, files=files, source=source, section="data.events")
+        by_file = _reasons_by_file(parsed)
+        summary = _summarise(parsed, by_file, per_file=per_file, reasons=EVENT_REJECT_REASONS)
+    _check_usable(parsed, summary, by_file, files=files, source=source, section="data.events")
     kept = parsed.filter(parsed.reason.isnull()).select(
         "customer_id", "ts", "event_type", "family", "value"
     )
@@ -666,6 +669,7 @@ def currency_report(
 def _check_usable(
     parsed: ir.Table,
     summary: IngestSummary,
+    by_file: dict[int, dict[str, int]],
     *,
     files: list[Path],
     source: TransactionSource | EventSource,
@@ -673,9 +677,9 @@ def _check_usable(
 ) -> None:
     """Stop when nothing is usable, or when most rows of a file fail the same check: a wrong
     setting (a date format, a decimal separator, a column) rather than bad rows. The files
-    that fail it are named: one export in another date format is not hidden by the others."""
+    that fail it are named: one export in another date format is not hidden by the others.
+    ``by_file`` is :func:`_reasons_by_file` of ``parsed``."""
     names = ", ".join(map(str, files))
-    by_file = _reasons_by_file(parsed)
     for reason in MAJORITY_REASONS:
         failing = [k for k in range(len(files)) if _mostly(by_file.get(k, {}), reason)]
         if failing:
@@ -768,10 +772,15 @@ def _mostly_rejected(
 
 
 def _summarise(
-    parsed: ir.Table, *, per_file: dict[str, int], reasons: tuple[str, ...]
+    parsed: ir.Table,
+    by_file: dict[int, dict[str, int]],
+    *,
+    per_file: dict[str, int],
+    reasons: tuple[str, ...],
 ) -> IngestSummary:
-    counts = parsed.group_by(reason=parsed.reason.fill_null("kept")).agg(n=parsed.count())
-    by_reason = dict(counts.execute().itertuples(index=False, name=None))
+    """The counts of :func:`_reasons_by_file` over all files, with the kept lines' customers
+    and time span."""
+    by_reason = sum(map(collections.Counter, by_file.values()), collections.Counter())
     kept = parsed.filter(parsed.reason.isnull())
     stats = (
         kept.agg(
