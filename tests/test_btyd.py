@@ -501,6 +501,25 @@ def test_pareto_nbd_fit_of_one_dropout_rate_beats_the_truth(seed: int) -> None:
     assert fit.log_likelihood > truth_ll
 
 
+def test_pareto_nbd_fit_reaches_the_limit_without_dropout() -> None:
+    # Nobody drops out: the likelihood rises as the mean dropout rate s / beta falls to 0,
+    # the NBD. The fit stops at the edge of its box, which stands for that limit, and every
+    # customer's P(no purchase) is the NBD's, ((alpha + T) / (alpha + T + h)) ** (r + x).
+    truth = ParetoNBDParams(r=0.7, alpha=9.0, s=1.0, beta=1e300)
+    rng = np.random.default_rng(4)
+    data = _simulate_pareto(rng, truth, rng.integers(70, 280, 3_000) / 7, horizon=0.0)
+    x, t_x, T = data["x"], np.ceil(data["t_x"] * 7) / 7, data["T"]  # noqa: N806  whole days
+    fit = fit_pareto_nbd(x, t_x, T)
+    p = fit.params
+    assert fit.method == "L-BFGS-B, no dropout"
+    assert p.s / p.beta == pytest.approx(1e-6 / T.max())
+    assert p.r == pytest.approx(0.7, rel=0.1)
+    assert p.alpha == pytest.approx(9.0, rel=0.1)
+    nbd = ((p.alpha + T) / (p.alpha + T + 13.0)) ** (p.r + x)
+    got = pareto_nbd_probability_no_purchase(p, x, t_x, T, horizon=13.0)
+    np.testing.assert_allclose(got, nbd, atol=1e-4)
+
+
 def test_gamma_gamma_recovers_simulated_parameters() -> None:
     truth = GammaGammaParams(p=3.0, q=5.0, gamma=10.0)
     rng = np.random.default_rng(20240503)
@@ -768,6 +787,21 @@ def test_optimiser_takes_a_failed_line_search_where_the_gradient_vanishes() -> N
     misled = _maximise(bowl, start, names=("u", "v"), model="toy", jac=True)
     assert misled.method == "Nelder-Mead"
     np.testing.assert_allclose(misled.theta, [0.5, 0.5], atol=1e-6)
+
+
+def test_optimiser_stops_at_the_lower_edge_of_a_limit_only() -> None:
+    # The maximum lies beyond the lower bound of u: an edge, unless u's bound is a limit the
+    # model contains (Pareto/NBD's s / beta = 0)
+    def rising(v: np.ndarray) -> float:
+        return -float(v[0] + (v[1] - 0.5) ** 2)
+
+    bounds = [(-3.0, 3.0), (-3.0, 3.0)]
+    at_limit = _maximise(
+        rising, [(1.0, 1.0)], names=("u", "v"), model="toy", bounds=bounds, limits=("u",)
+    )
+    np.testing.assert_allclose(at_limit.theta, [-3.0, 0.5], atol=1e-5)
+    with pytest.raises(BTYDFitError, match=r"\['u'\] ran to the bound"):
+        _maximise(rising, [(1.0, 1.0)], names=("u", "v"), model="toy", bounds=bounds)
 
 
 def test_optimiser_falls_back_to_nelder_mead_then_raises() -> None:

@@ -37,7 +37,8 @@ from churn import ChurnError
 FloatArray = NDArray[np.float64]
 
 # Fits run on log-parameters in scaled units; a parameter that runs out to this box is not
-# identified by the data (e.g. no sign of dropout), which we report instead of returning it.
+# identified by the data, which we report instead of returning it, unless the edge stands
+# for a limit the model contains (Pareto/NBD without dropout: see fit_pareto_nbd).
 _LOG_BOUND = float(np.log(1e6))
 # scipy's hyp2f1 is accurate for the 2F1s used here up to this argument (checked against
 # series and quadrature); beyond it, and near removable 0/0 points of the closed forms, the
@@ -147,7 +148,8 @@ class BTYDFit(Generic[P]):
         BG/NBD in its one-dropout limit, ``"L-BFGS-B, analytic gradient"`` or
         ``"Nelder-Mead"`` followed by ``", one dropout probability"``; for Pareto/NBD at or
         within 1 / s = 1e-6 of its limit (s = 1e6 stands for it), the optimiser followed by
-        ``", one dropout rate"``.
+        ``", one dropout rate"``, and at its limit without dropout (s / beta = 1e-6 per
+        largest T stands for it) by ``", no dropout"``.
     n_customers : int
         Customers in the likelihood.
     """
@@ -1180,12 +1182,17 @@ def _minimise(
 
 
 def _boundary_names(
-    theta: FloatArray, names: Sequence[str], bounds: Sequence[tuple[float, float]]
+    theta: FloatArray,
+    names: Sequence[str],
+    bounds: Sequence[tuple[float, float]],
+    limits: Sequence[str] = (),
 ) -> list[str]:
-    """The parameters at an edge of their box. A lower bound of 0 is no edge: it is a limit the
-    model contains (Pareto/NBD's phi = 0, one dropout rate for everyone)."""
+    """The parameters at an edge of their box. The lower bound of a parameter in ``limits`` is
+    no edge: it stands for a limit the model contains (Pareto/NBD's 1 / s = 0, one dropout
+    rate for everyone, and s / beta = 0, nobody drops out)."""
     lower, upper = np.array(bounds).T
-    at_edge = (np.abs(theta - lower) < 1e-3) & (lower != 0) | (np.abs(theta - upper) < 1e-3)
+    at_limit = np.isin(names, list(limits))
+    at_edge = (np.abs(theta - lower) < 1e-3) & ~at_limit | (np.abs(theta - upper) < 1e-3)
     return [name for name, edge in zip(names, at_edge, strict=True) if edge]
 
 
@@ -1198,11 +1205,13 @@ def _maximise(
     to_theta: Callable[[FloatArray], FloatArray] = np.log,
     jac: bool = False,
     bounds: Sequence[tuple[float, float]] | None = None,
+    limits: Sequence[str] = (),
 ) -> _Optimum:
     """Try L-BFGS-B, then Nelder-Mead from where it stopped, from each start in turn;
     ``to_theta`` maps a start to the optimiser's coordinates (default: logs, each within
     ``_LOG_BOUND`` unless ``bounds`` are given). With ``jac``, ``mean_ll`` gives its gradient
-    as well, which L-BFGS-B then follows."""
+    as well, which L-BFGS-B then follows. An optimum may lie on the lower bound of the
+    parameters named in ``limits`` (see :func:`_boundary_names`)."""
     bounds = bounds or [(-_LOG_BOUND, _LOG_BOUND)] * len(names)
     value = _penalised((lambda theta: mean_ll(theta)[0]) if jac else mean_ll)
     with_gradient = _penalised_with_gradient(mean_ll) if jac else None
@@ -1212,7 +1221,7 @@ def _maximise(
         for method in (_WITH_GRADIENT if jac else "L-BFGS-B", "Nelder-Mead"):
             objective = with_gradient if method == _WITH_GRADIENT else value
             result = _minimise(objective, x0, method, bounds)
-            edge = _boundary_names(result.x, names, bounds)
+            edge = _boundary_names(result.x, names, bounds, limits)
             at_floor = (
                 method == _WITH_GRADIENT
                 and result.status == 2
@@ -1395,7 +1404,7 @@ def fit_pareto_nbd(
     Raises
     ------
     BTYDFitError
-        If no optimiser reaches an interior optimum.
+        If no optimiser reaches an interior optimum or one of the model's limits.
     """
     xs, txs, ts = _rfm_arrays(x, t_x, T)
     _require_customers(xs, minimum_buyers=1, model="Pareto/NBD")
@@ -1416,11 +1425,18 @@ def fit_pareto_nbd(
         model="Pareto/NBD",
         to_theta=lambda start: np.array([*np.log(start[:3]), start[3]]),
         bounds=[(-_LOG_BOUND, _LOG_BOUND)] * 3 + [(0.0, np.exp(_LOG_BOUND))],
+        limits=("s / beta", "1 / s"),
     )
-    r, alpha, mu = np.exp(optimum.theta[:3])
+    r, alpha = np.exp(optimum.theta[:2])
     s = 1.0 / max(optimum.theta[3], 1.0 / _ONE_DROPOUT)
     if s == _ONE_DROPOUT:
         optimum = replace(optimum, method=f"{optimum.method}, one dropout rate")
+    # Where the data show no dropout the likelihood rises as the mean dropout rate falls to
+    # 0, the NBD: the box's edge, 1e-6 per scaled time unit, stands for it.
+    mu = np.exp(optimum.theta[2])
+    if optimum.theta[2] < -_LOG_BOUND + 1e-3:
+        mu = np.exp(-_LOG_BOUND)
+        optimum = replace(optimum, method=f"{optimum.method}, no dropout")
     params = ParetoNBDParams(
         r=float(r), alpha=float(alpha * scale), s=float(s), beta=float(s / mu * scale)
     )
