@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from churn import train
 from churn.config import RFM_SEGMENTS, DuckDBSettings, Engine, FeatureSettings, ParamsError
 from churn.features import (
     BTYD_COLUMNS,
@@ -270,6 +271,27 @@ def test_rfm_scores_are_quintiles_within_each_cutoff():
     assert out["f_score"].tolist()[10:] == [1, 2, 3, 4, 5]
     assert out["r_score"].tolist()[10:] == [3] * 5  # ties share a score
     assert "r_score" not in frame.columns  # input not mutated
+
+
+def test_rfm_scores_move_a_whole_tied_group_so_the_model_does_not_take_them():
+    # One-time buyers are 38 % of one snapshot and 42 % of the next: their mean rank passes
+    # the first fifth, and every one of them goes from F = 1 to F = 2 with nothing changed
+    one_timers = {1: 38, 2: 42}
+    frame = pd.DataFrame(
+        {
+            "cutoff": np.repeat([1, 2], 100),
+            "recency_days": np.tile(np.arange(100), 2),
+            "frequency": np.concatenate(
+                [np.where(np.arange(100) < n, 1, 2 + np.arange(100)) for n in one_timers.values()]
+            ),
+            "monetary": np.tile(np.arange(100, dtype=float), 2),
+        }
+    )
+    scores = rfm_scores(frame)
+    once = scores[scores["frequency"] == 1].groupby("cutoff")["f_score"].unique()
+    assert once.map(list).to_dict() == {1: [1], 2: [2]}
+    assert not {"r_score", "f_score", "m_score"} & set(train.feature_columns(scores))
+    assert {"recency_days", "frequency", "monetary"} <= set(train.feature_columns(scores))
 
 
 def test_plan_places_cutoffs_out_of_time():

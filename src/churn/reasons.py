@@ -57,9 +57,6 @@ TEMPLATES: dict[str, Callable[[Row], str]] = {
     "return_orders": lambda r: f"{_plural(r['return_orders'], 'return')} so far",
     "return_rate": lambda r: f"returns are {r['return_rate'] * 100:.0f}% of spend",
     "distinct_products": lambda r: f"bought {_plural(r['distinct_products'], 'product')}",
-    "r_score": lambda r: f"recency score {r['r_score']:.0f} of 5",
-    "f_score": lambda r: f"frequency score {r['f_score']:.0f} of 5",
-    "m_score": lambda r: f"spend score {r['m_score']:.0f} of 5",
     "orders_same_window_last_year": lambda r: (
         f"{_plural(r['orders_same_window_last_year'], 'order')} in this season last year"
     ),
@@ -170,9 +167,6 @@ LABELS = {
     "return_orders": "number of returns",
     "return_rate": "returns as a share of spend",
     "distinct_products": "product range bought",
-    "r_score": "recency score",
-    "f_score": "frequency score",
-    "m_score": "spend score",
     "orders_same_window_last_year": "orders in this season last year",
     "spend_same_window_last_year": "spend in this season last year",
     "days_since_engagement": "days since the last engagement",

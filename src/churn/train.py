@@ -40,7 +40,7 @@ from churn.metrics import score_ranks, weighted_auc
 from churn.model import ChurnModel, ModelCard, blend, calibrate, usable_cpus, write_artifacts
 from churn.progress import progress
 
-NON_FEATURES = (*ID_COLUMNS, LABEL, "rfm_segment", "season_prior")
+NON_FEATURES = (*ID_COLUMNS, LABEL, "r_score", "f_score", "m_score", "rfm_segment", "season_prior")
 TUNED = ("learning_rate", "num_leaves", "min_child_samples", "feature_fraction", "lambda_l2")
 BLEND_COLUMNS = ("bgnbd_p_no_purchase",)
 BLEND_WEIGHTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)  # on the booster
