@@ -353,6 +353,30 @@ def test_parquet_exports_of_one_schema_are_read_together_and_the_overlap_dropped
     assert kept["amount"].tolist() == [8.66, -2.5, 8.66, -2.5]
 
 
+def test_without_order_ids_only_the_overlap_of_exports_is_removed(tmp_path, make_settings):
+    # Day-level exports without order ids: a customer's two same-day purchases of 9.99 are
+    # two identical lines. May holds A's pair and B's line; June repeats the pair (the
+    # exports overlap) and holds A's line of another day three times.
+    header = "customer,date,total\n"
+    (tmp_path / "may.csv").write_text(
+        header + "A,2021-05-31,9.99\nA,2021-05-31,9.99\nB,2021-05-30,5\n"
+    )
+    (tmp_path / "june.csv").write_text(
+        header + "A,2021-05-31,9.99\nA,2021-05-31,9.99\n" + "A,2021-06-02,1.5\n" * 3
+    )
+    columns = _line_totals("customer", "date", "total")
+    settings = make_settings(data={"transactions": {"path": str(tmp_path), "columns": columns}})
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_read, summary.rows_kept, summary.duplicates_removed) == (8, 6, 2)
+    kept = pd.read_parquet(settings.paths.transactions)
+    spend = kept.groupby(["customer_id", kept["ts"].dt.date.astype(str)])["amount"]
+    assert spend.agg(["count", "sum"]).round(2).to_dict("index") == {
+        ("A", "2021-05-31"): {"count": 2, "sum": 19.98},
+        ("A", "2021-06-02"): {"count": 3, "sum": 4.5},
+        ("B", "2021-05-30"): {"count": 1, "sum": 5.0},
+    }
+
+
 def test_typed_parquet_columns_are_taken_as_typed(tmp_path, make_settings):
     """Zoned timestamps, integer quantities and double prices are used without text; the
     rejects still show each value as text."""

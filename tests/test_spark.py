@@ -187,10 +187,10 @@ CASES = {
         {"timezone": "Europe/Berlin", "columns": line_totals("c", "t", "v")},
         None,
     ),
-    # decimal commas, placeholder customer ids, implausible times
+    # decimal commas, placeholder customer ids, implausible times, a purchase made twice
     "european": (
         "c;t;v\n1;2021-03-15 08:05;5,95\nN/A;2021-03-15 08:05;3\n2;1900-01-01 00:00;2\n"
-        "3;2021-03-16 10:00;4\n4;2021-03-17 10:00;1,5\n",
+        "3;2021-03-16 10:00;4\n4;2021-03-17 10:00;1,5\n4;2021-03-17 10:00;1,5\n",
         {"csv_delimiter": ";", "decimal_separator": ",", "columns": line_totals("c", "t", "v")},
         "customer_id,ts,event_type,value\nNULL,2021-01-02 09:00:00,visit,\n"
         "13085,2999-01-02 09:00:00,visit,\n13085,2021-01-03 09:00:00,nps,3\n",

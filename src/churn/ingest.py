@@ -482,10 +482,14 @@ def _read_unique(
     *,
     names: tuple[str, ...],
     section: str,
+    keep_repeats: bool = False,
 ) -> tuple[ir.Table, dict[str, int], list[Path]]:
     """All exports of one source, exact duplicate lines removed (an expression the caller
     computes once), each line with the index of the ``file`` it came from (the first when
-    several hold it); rows per file. A column the exports type differently is read as text."""
+    several hold it); rows per file. A column the exports type differently is read as text.
+
+    With ``keep_repeats`` only the copies that overlapping exports share are removed: a line
+    repeated in one file is kept as often as the file that repeats it most holds it."""
     files = expand_inputs(source.path, section=section, declared_format=source.format)
     per_file, frames, kinds = {}, [], set()
     for index, path in enumerate(files):
@@ -526,7 +530,14 @@ def _read_unique(
     # each line once per level), on the mapped columns: the others are null throughout.
     mapped = [c for c in names if source.columns.get(c) is not None]
     lines = ibis.union(*[frame.select(*mapped, "file") for frame in frames])
-    unique = lines.group_by(mapped).agg(file=lines.file.min())
+    if keep_repeats:
+        copies = lines.group_by([*mapped, "file"]).agg(_copies=lines.count())
+        unique = copies.group_by(mapped).agg(
+            file=copies.file.min(), _copies=copies._copies.max()
+        )
+        unique = unique.mutate(_copy=ibis.range(unique._copies)).unnest("_copy")
+    else:
+        unique = lines.group_by(mapped).agg(file=lines.file.min())
     unmapped = {c: ibis.null(frames[0][c].type()) for c in names if c not in mapped}
     unique = unique.mutate(**unmapped).select(*names, "file")
     return unique, per_file, files
@@ -554,8 +565,15 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
     """
     source, events = data.transactions, data.events
     con = connect(engine, timezone=source.timezone)
+    # Without order ids, one customer's two lines of the same time and amount in an export
+    # may well be two purchases (two of the same item, or a day's two visits where exports
+    # give only the date): only overlapping exports' shared copies are duplicates.
     unique, per_file, files = _read_unique(
-        con, source, names=CANONICAL_COLUMNS, section="data.transactions"
+        con,
+        source,
+        names=CANONICAL_COLUMNS,
+        section="data.transactions",
+        keep_repeats=not source.columns.get("order_id"),
     )
     rates = source.conversion_rates()
     run_at = datetime.now(UTC).replace(tzinfo=None)
