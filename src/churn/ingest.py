@@ -532,9 +532,7 @@ def _read_unique(
     lines = ibis.union(*[frame.select(*mapped, "file") for frame in frames])
     if keep_repeats:
         copies = lines.group_by([*mapped, "file"]).agg(_copies=lines.count())
-        unique = copies.group_by(mapped).agg(
-            file=copies.file.min(), _copies=copies._copies.max()
-        )
+        unique = copies.group_by(mapped).agg(file=copies.file.min(), _copies=copies._copies.max())
         unique = unique.mutate(_copy=ibis.range(unique._copies)).unnest("_copy")
     else:
         unique = lines.group_by(mapped).agg(file=lines.file.min())

@@ -209,7 +209,8 @@ def _check_drift(report: dict[str, Any], drift: DriftSettings, job: ScoreJob) ->
     if failing and not job.allow_drift:
         raise DriftError(
             f"population drift above drift.fail_psi={drift.fail_psi} in {failing} "
-            f"(see {job.drift_report}); investigate the input or pass --allow-drift"
+            f"(see {job.drift_report}); investigate the input, then pass --allow-drift to "
+            "score anyway (under dvc repro: raise drift.fail_psi in params.yaml)"
         )
     moved = {k: v["psi"] for k, v in report["columns"].items() if v["status"] != "ok"}
     if moved:
