@@ -507,14 +507,14 @@ def test_pareto_nbd_fit_reaches_the_limit_without_dropout() -> None:
     # customer's P(no purchase) is the NBD's, ((alpha + T) / (alpha + T + h)) ** (r + x).
     truth = ParetoNBDParams(r=0.7, alpha=9.0, s=1.0, beta=1e300)
     rng = np.random.default_rng(4)
-    data = _simulate_pareto(rng, truth, rng.integers(70, 280, 3_000) / 7, horizon=0.0)
+    data = _simulate_pareto(rng, truth, rng.integers(280, 560, 600) / 7, horizon=0.0)
     x, t_x, T = data["x"], np.ceil(data["t_x"] * 7) / 7, data["T"]  # noqa: N806  whole days
     fit = fit_pareto_nbd(x, t_x, T)
     p = fit.params
     assert fit.method == "L-BFGS-B, no dropout"
     assert p.s / p.beta == pytest.approx(1e-6 / T.max())
-    assert p.r == pytest.approx(0.7, rel=0.1)
-    assert p.alpha == pytest.approx(9.0, rel=0.1)
+    assert p.r == pytest.approx(0.7, rel=0.15)
+    assert p.alpha == pytest.approx(9.0, rel=0.15)
     nbd = ((p.alpha + T) / (p.alpha + T + 13.0)) ** (p.r + x)
     got = pareto_nbd_probability_no_purchase(p, x, t_x, T, horizon=13.0)
     np.testing.assert_allclose(got, nbd, atol=1e-4)
