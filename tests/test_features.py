@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import date, timedelta
 
 import ibis
@@ -332,9 +333,25 @@ def test_a_stray_late_line_that_empties_the_test_label_window_stops_the_run():
         check_test_window(past, test, 30)
 
 
-def test_plan_rejects_history_too_short():
-    with pytest.raises(SnapshotError, match=r"lower features\.n_snapshots"):
-        plan_snapshots(date(2011, 2, 1), date(2011, 12, 9), FeatureSettings())
+@pytest.mark.parametrize(
+    ("first_day", "advice", "fits", "too_far"),
+    [
+        (date(2011, 2, 1), "n_snapshots to at most 3,", {"n_snapshots": 3}, {"n_snapshots": 4}),
+        (
+            date(2011, 6, 1),
+            "too short for a 90-day horizon: set features.horizon_days to at most 63 and",
+            {"horizon_days": 63, "n_snapshots": 2},
+            {"horizon_days": 64, "n_snapshots": 2},
+        ),
+    ],
+)
+def test_plan_rejects_history_too_short_and_says_what_fits(first_day, advice, fits, too_far):
+    last_day = date(2011, 12, 9)
+    with pytest.raises(SnapshotError, match=re.escape(advice)):
+        plan_snapshots(first_day, last_day, FeatureSettings())
+    assert plan_snapshots(first_day, last_day, FeatureSettings(**fits)).train[0] > first_day
+    with pytest.raises(SnapshotError, match="is not after the first transaction day"):
+        plan_snapshots(first_day, last_day, FeatureSettings(**too_far))
 
 
 def test_hand_computed_engagement_features(tiny_tx):

@@ -98,13 +98,34 @@ def plan_snapshots(first_day: date, last_day: date, settings: FeatureSettings) -
     if train[0] <= first_day:
         raise SnapshotError(
             f"the oldest training cutoff {train[0]} is not after the first transaction day "
-            f"{first_day}; lower features.n_snapshots, snapshot_step_days or horizon_days"
+            f"{first_day}: {_shorter_plan(first_day, last_day, test, settings)}"
         )
     if as_of <= first_day:
         raise SnapshotError(
             f"features.as_of {as_of} is not after the first transaction day {first_day}"
         )
     return SnapshotPlan(train=train, test=test, as_of=as_of)
+
+
+def _shorter_plan(first_day: date, last_day: date, test: date, settings: FeatureSettings) -> str:
+    """What to set in params.yaml for the training cutoffs to fit after ``first_day``: the
+    most snapshots the data allow, or, when not even one fitting snapshot fits, the longest
+    horizon that leaves room for one (the test cutoff moves with the horizon unless set)."""
+    h = settings.horizon_days
+    room = (test - timedelta(days=2 * h) - first_day).days  # before the newest fitting cutoff
+    if room > 0:
+        most = 2 + (room - 1) // settings.snapshot_step_days
+        return f"set features.n_snapshots to at most {most}, or lower snapshot_step_days"
+    if settings.test_cutoff is None:
+        longest = (last_day - first_day).days // 3
+    else:
+        longest = ((test - first_day).days - 1) // 2
+    if longest < 1:
+        return "the data span too few days for a label window before the test cutoff"
+    return (
+        f"the data are too short for a {h}-day horizon: set features.horizon_days to at "
+        f"most {longest} and n_snapshots to 2"
+    )
 
 
 @dataclass(frozen=True)
