@@ -377,6 +377,15 @@ def test_without_order_ids_only_the_overlap_of_exports_is_removed(tmp_path, make
     }
 
 
+def test_a_negative_line_total_without_a_quantity_is_a_return(tmp_path, make_settings):
+    (tmp_path / "sales.csv").write_text("c,t,v\nA,2021-05-03,10\nA,2021-05-20,-4\nB,2021-05-21,0\n")
+    columns = _line_totals("c", "t", "v")
+    settings = make_settings(data={"transactions": {"path": str(tmp_path), "columns": columns}})
+    ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("ts")
+    assert kept[["amount", "is_return"]].values.tolist() == [[10, False], [-4, True], [0, False]]
+
+
 def test_typed_parquet_columns_are_taken_as_typed(tmp_path, make_settings):
     """Zoned timestamps, integer quantities and double prices are used without text; the
     rejects still show each value as text."""

@@ -11,7 +11,8 @@ The canonical table has one row per transaction line::
     product_id   string     null when the export has none
     channel      string     null when the export has none
     country      string     null when the export has none
-    is_return    boolean    negative quantity or an order id with the return prefix
+    is_return    boolean    negative quantity (amount, without a quantity) or an order id
+                            with the return prefix
     matched_order_id string for a return, the order of the customer's latest purchase of
                             the same product at or before it (null when none, or when
                             the export has no order ids)
@@ -314,7 +315,8 @@ def parse_lines(
     quantity = _number(raw.source_quantity, decimal_separator)
     unit_price = _number(raw.source_unit_price, decimal_separator)
     amount = _number(raw.source_amount, decimal_separator).coalesce(quantity * unit_price)
-    is_return = quantity.fill_null(0) < 0
+    # The quantity's sign tells a return; an export of line totals alone has only the amount's.
+    is_return = ibis.ifelse(quantity.isnull(), amount < 0, quantity < 0).fill_null(False)
     if return_order_prefix:
         is_return = is_return | raw.source_order_id.startswith(return_order_prefix).fill_null(False)
     order_id = _text(raw.source_order_id).coalesce(customer.concat("@", _text(raw.source_ts)))
