@@ -40,6 +40,7 @@ FloatArray = NDArray[np.float64]
 # identified by the data, which we report instead of returning it, unless the edge stands
 # for a limit the model contains (Pareto/NBD without dropout: see fit_pareto_nbd).
 _LOG_BOUND = float(np.log(1e6))
+_AT_EDGE = 1e-3  # a fitted parameter this close to a bound of its box is on it
 # scipy's hyp2f1 is accurate for the 2F1s used here up to this argument (checked against
 # series and quadrature); beyond it, and near removable 0/0 points of the closed forms, the
 # integrals behind them are computed by tanh-sinh quadrature instead.
@@ -1192,7 +1193,7 @@ def _boundary_names(
     rate for everyone, and s / beta = 0, nobody drops out)."""
     lower, upper = np.array(bounds).T
     at_limit = np.isin(names, list(limits))
-    at_edge = (np.abs(theta - lower) < 1e-3) & ~at_limit | (np.abs(theta - upper) < 1e-3)
+    at_edge = (np.abs(theta - lower) < _AT_EDGE) & ~at_limit | (np.abs(theta - upper) < _AT_EDGE)
     return [name for name, edge in zip(names, at_edge, strict=True) if edge]
 
 
@@ -1434,7 +1435,7 @@ def fit_pareto_nbd(
     # Where the data show no dropout the likelihood rises as the mean dropout rate falls to
     # 0, the NBD: the box's edge, 1e-6 per scaled time unit, stands for it.
     mu = np.exp(optimum.theta[2])
-    if optimum.theta[2] < -_LOG_BOUND + 1e-3:
+    if optimum.theta[2] < -_LOG_BOUND + _AT_EDGE:
         mu = np.exp(-_LOG_BOUND)
         optimum = replace(optimum, method=f"{optimum.method}, no dropout")
     params = ParetoNBDParams(
