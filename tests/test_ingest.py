@@ -14,7 +14,7 @@ import pytest
 from churn import ChurnError, ingest
 from churn.config import CANONICAL_COLUMNS
 from churn.io import InputError, read_table
-from tests.conftest import SAMPLE
+from tests.conftest import ROOT, SAMPLE
 
 MESSY = """Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country
 1001;13085.0;2021-01-01 10:00:00;2;3.0;P1;United Kingdom
@@ -207,6 +207,41 @@ def test_excel_export_is_read(tmp_path, make_settings):
     kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
     assert kept["customer_id"].tolist() == ["7", "8"]
     assert kept["amount"].tolist() == [3.0, 4.0]
+
+
+# An .xls workbook as shop systems still export it: dates are date cells, not text. Order
+# ids start with the region ("CA-2016-152156"), not with a cancellation's C.
+XLS_EXPORT = {
+    "path": str(ROOT / "tests/data/orders.xls"),
+    "columns": {
+        "customer_id": "Customer ID",
+        "ts": "Order Date",
+        "order_id": "Order ID",
+        "amount": "Sales",
+        "quantity": "Quantity",
+        "unit_price": None,
+        "product_id": None,
+        "country": None,
+    },
+}
+
+
+def test_old_excel_workbook_is_read_with_its_date_cells(make_settings):
+    export = {**XLS_EXPORT, "return_order_prefix": None}
+    settings = make_settings(data={"transactions": export})
+    assert ingest.run(settings.data, settings.paths).rows_kept == 4
+    kept = pd.read_parquet(settings.paths.transactions).sort_values(["ts", "amount"])
+    assert kept["customer_id"].tolist() == ["SO-20335", "DV-13045", "CG-12520", "CG-12520"]
+    assert kept["ts"].dt.strftime("%Y-%m-%d %H:%M").tolist() == [
+        "2015-10-11 00:00",
+        "2016-06-12 00:00",
+        "2016-11-08 00:00",
+        "2016-11-08 00:00",
+    ]
+    assert kept["amount"].tolist() == [957.5775, 14.62, 261.96, 731.94]
+    assert kept["quantity"].tolist() == [5.0, 2.0, 2.0, 3.0]
+    assert not kept["is_return"].any()
+
 
 
 def _sheet(invoices: list[str], **renamed: str) -> pd.DataFrame:

@@ -80,7 +80,9 @@ def test_scores_registered_champion_byte_identically(pipeline, tmp_path):
     assert scored["clv_12m"].notna().all()
     gap = scored["value_at_risk"] - scored["churn_probability"] * scored["clv_12m"]
     assert (gap.abs() <= 0.01 + 1e-4 * scored["clv_12m"]).all()
-    workbook = pd.read_excel(first.with_suffix(".xlsx"), dtype={"customer_id": str})
+    workbook = pd.read_excel(
+        first.with_suffix(".xlsx"), dtype={"customer_id": str}, engine="calamine"
+    )
     assert workbook["customer_id"].tolist() == scored["customer_id"].tolist()
 
 

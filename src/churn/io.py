@@ -292,7 +292,7 @@ def excel_sheets(path: Path) -> pd.DataFrame:
     InputError
         When the sheets with data do not have the same columns.
     """
-    sheets = pd.read_excel(path, sheet_name=None, dtype=str)
+    sheets = pd.read_excel(path, sheet_name=None, dtype=str, engine="calamine")
     filled = {name: frame for name, frame in sheets.items() if len(frame.columns) or len(frame)}
     headers = {name: list(frame.columns) for name, frame in filled.items()}
     if len({frozenset(columns) for columns in headers.values()}) > 1:
