@@ -243,6 +243,20 @@ def test_old_excel_workbook_is_read_with_its_date_cells(make_settings):
     assert not kept["is_return"].any()
 
 
+def test_return_prefix_that_would_make_most_lines_returns_stops_ingest(make_settings):
+    # With the default prefix C, three of the four purchases would become returns.
+    settings = make_settings(data={"transactions": XLS_EXPORT})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    assert str(raised.value) == (
+        f"{XLS_EXPORT['path']}: 3 of 4 lines would be returns only because their order id "
+        "starts with 'C' (data.transactions.return_order_prefix), e.g. ['CA-2016-138688', "
+        "'CA-2016-152156']; their quantity (or amount) is positive. If such "
+        "order ids are not returns in this export, set data.transactions.return_order_prefix: "
+        "null in params.yaml"
+    )
+    assert not settings.paths.transactions.exists()
+
 
 def _sheet(invoices: list[str], **renamed: str) -> pd.DataFrame:
     """Lines of a workbook sheet, one per invoice; ``renamed`` renames columns."""

@@ -316,9 +316,11 @@ def parse_lines(
     unit_price = _number(raw.source_unit_price, decimal_separator)
     amount = _number(raw.source_amount, decimal_separator).coalesce(quantity * unit_price)
     # The quantity's sign tells a return; an export of line totals alone has only the amount's.
-    is_return = ibis.ifelse(quantity.isnull(), amount < 0, quantity < 0).fill_null(False)
+    signed = ibis.ifelse(quantity.isnull(), amount < 0, quantity < 0).fill_null(False)
+    prefixed = ibis.literal(False)
     if return_order_prefix:
-        is_return = is_return | raw.source_order_id.startswith(return_order_prefix).fill_null(False)
+        prefixed = raw.source_order_id.startswith(return_order_prefix).fill_null(False)
+    is_return = signed | prefixed
     order_id = _text(raw.source_order_id).coalesce(customer.concat("@", _text(raw.source_ts)))
     currency = _text(raw.source_currency).upper()
     currency = ibis.cases((currency == "", ibis.null("string")), else_=currency)
@@ -350,6 +352,8 @@ def parse_lines(
         country=_text(raw.source_country),
         currency=currency,
         is_return=is_return,
+        # A return by its order id alone: see _check_return_prefix.
+        prefix_only_return=prefixed & ~signed,
         reason=reason,
     )
 
@@ -593,6 +597,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         by_file = _reasons_by_file(parsed)
         summary = _summarise(parsed, by_file, per_file=per_file, reasons=reasons)
     _check_usable(parsed, summary, by_file, files=files, source=source, section="data.transactions")
+    _check_return_prefix(parsed, files=files, prefix=source.return_order_prefix)
     has_events = bool(
         expand_inputs(
             events.path, allow_empty=True, section="data.events", declared_format=events.format
@@ -717,6 +722,25 @@ def _check_usable(
             f"most are {dominant}: check {REASON_SETTINGS[dominant].format(section=section)} "
             "in params.yaml"
         )
+
+
+def _check_return_prefix(parsed: ir.Table, *, files: list[Path], prefix: str | None) -> None:
+    """Stop when the return prefix alone makes most kept lines returns: their quantity (or
+    amount) says purchase, and their order ids start with the prefix by another convention
+    (``CA-2016-152156``, an order from California), not because they are cancellations."""
+    kept = parsed.filter(parsed.reason.isnull())
+    counts = kept.agg(lines=kept.count(), flipped=kept.prefix_only_return.sum())
+    lines, flipped = (int(n or 0) for n in counts.execute().iloc[0])
+    if flipped * 2 <= lines:
+        return
+    flipped_ids = kept.filter(kept.prefix_only_return).select("order_id").distinct()
+    examples = flipped_ids.order_by("order_id").limit(3).to_pyarrow()["order_id"].to_pylist()
+    raise InputError(
+        f"{', '.join(map(str, files))}: {flipped} of {lines} lines would be returns only because "
+        f"their order id starts with {prefix!r} (data.transactions.return_order_prefix), e.g. "
+        f"{examples}; their quantity (or amount) is positive. If such order ids are not "
+        "returns in this export, set data.transactions.return_order_prefix: null in params.yaml"
+    )
 
 
 def _reasons_by_file(parsed: ir.Table) -> dict[int, dict[str, int]]:
