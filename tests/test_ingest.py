@@ -1008,7 +1008,40 @@ def test_decimal_commas_read_with_the_comma_separator(tmp_path, make_settings):
     assert kept["amount"].round(6).value_counts().to_dict() == {11.9: 199, 12.0: 1}
 
 
-def test_decimal_comma_with_a_thousands_point_is_rejected_not_misread(tmp_path, make_settings):
+# Text, its number with the decimal point, and with the decimal comma (None: unparsed).
+WRITTEN_NUMBERS = [
+    ("1234.5", 1234.5, None),
+    ("$1,234.50", 1234.5, None),
+    ("-$5.00", -5.0, None),
+    ("$-5.00", -5.0, None),
+    ("£ 12.50", 12.5, None),
+    ("1,234,567", 1234567.0, None),
+    ("1 234.5", 1234.5, None),
+    ("1\u00a0234,5", None, 1234.5),
+    ("1'234,5", None, 1234.5),
+    ("1.234,5 €", None, 1234.5),
+    ("1.234.567", None, 1234567.0),
+    ("5,95", None, 5.95),
+    # Grouping no reading can tell from a decimal: rejected under either setting, not misread.
+    ("1,000", None, 1.0),
+    ("1.000", 1.0, None),
+    ("2.5", 2.5, None),
+    ("1,23.4", None, None),
+    ("12.50 EUR", None, None),
+    ("€", None, None),
+]
+
+
+@pytest.mark.parametrize("decimal_separator", [".", ","])
+def test_numbers_written_for_people_are_read_where_only_one_reading_exists(decimal_separator):
+    column = 1 if decimal_separator == "." else 2
+    texts = ibis.memtable({"text": [row[0] for row in WRITTEN_NUMBERS]})
+    read = texts.select(number=ingest._number(texts.text, decimal_separator)).to_pyarrow()
+    expected = [row[column] for row in WRITTEN_NUMBERS]
+    assert read["number"].to_pylist() == expected
+
+
+def test_decimal_comma_with_a_thousands_point_is_read_as_thousands(tmp_path, make_settings):
     export = tmp_path / "de.csv"
     export.write_text('c,t,v\n1,2021-01-01,"1.234,5"\n2,2021-01-02,"4,5"\n3,2021-01-03,7\n')
     settings = make_settings(
@@ -1021,9 +1054,9 @@ def test_decimal_comma_with_a_thousands_point_is_rejected_not_misread(tmp_path, 
         }
     )
     summary = ingest.run(settings.data, settings.paths)
-    assert summary.rejected_by_reason["non_finite_amount"] == 1
+    assert summary.rows_rejected == 0
     kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
-    assert kept["amount"].tolist() == [4.5, 7.0]
+    assert kept["amount"].tolist() == [1234.5, 4.5, 7.0]
 
 
 def test_mostly_non_numeric_amounts_stop_with_examples_and_the_settings(tmp_path, make_settings):
