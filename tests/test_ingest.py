@@ -1022,7 +1022,7 @@ WRITTEN_NUMBERS = [
     ("1.234,5 €", None, 1234.5),
     ("1.234.567", None, 1234567.0),
     ("5,95", None, 5.95),
-    # Grouping no reading can tell from a decimal: rejected under either setting, not misread.
+    # One separator, once: read only as the setting's decimal, never as thousands.
     ("1,000", None, 1.0),
     ("1.000", 1.0, None),
     ("2.5", 2.5, None),
