@@ -639,7 +639,10 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         by_file = _reasons_by_file(parsed)
         summary = _summarise(parsed, by_file, per_file=per_file, reasons=reasons)
     _check_usable(parsed, summary, by_file, files=files, source=source, section="data.transactions")
-    _check_return_prefix(parsed, files=files, prefix=source.return_order_prefix)
+    if source.return_order_prefix:
+        _check_return_prefix(
+            parsed, summary.rows_kept, files=files, prefix=source.return_order_prefix
+        )
     has_events = bool(
         expand_inputs(
             events.path, allow_empty=True, section="data.events", declared_format=events.format
@@ -766,13 +769,12 @@ def _check_usable(
         )
 
 
-def _check_return_prefix(parsed: ir.Table, *, files: list[Path], prefix: str | None) -> None:
-    """Stop when the return prefix alone makes most kept lines returns: their quantity (or
-    amount) says purchase, and their order ids start with the prefix by another convention
-    (``CA-2016-152156``, an order from California), not because they are cancellations."""
+def _check_return_prefix(parsed: ir.Table, lines: int, *, files: list[Path], prefix: str) -> None:
+    """Stop when the return prefix alone makes most of the ``lines`` kept returns: their
+    quantity (or amount) says purchase, and their order ids start with the prefix by another
+    convention (``CA-2016-152156``, an order from California), not as cancellations."""
     kept = parsed.filter(parsed.reason.isnull())
-    counts = kept.agg(lines=kept.count(), flipped=kept.prefix_only_return.sum())
-    lines, flipped = (int(n or 0) for n in counts.execute().iloc[0])
+    flipped = int(kept.prefix_only_return.sum().execute() or 0)
     if flipped * 2 <= lines:
         return
     flipped_ids = kept.filter(kept.prefix_only_return).select("order_id").distinct()
