@@ -55,6 +55,16 @@ def test_dates_and_lists_are_parsed(make_settings):
             {"data": {"events": {"decimal_separator": ";"}}},
             r"data.events.decimal_separator must be '.' or ',', got ';'",
         ),
+        (
+            {"data": {"transactions": {"ts_format": "DD/MM/YYYY"}}},
+            r"data.transactions.ts_format 'DD/MM/YYYY' is not a strptime format \(no % "
+            r'directive\): write one such as "%d/%m/%Y %H:%M"; for times written as numbers, '
+            r"unix_s, unix_ms, unix_us",
+        ),
+        (
+            {"data": {"events": {"ts_format": "days since 2021-02-30"}}},
+            r"data.events.ts_format 'days since 2021-02-30': day is out of range for month",
+        ),
         ({"score": {"risk_tiers": {"high": 1.5}}}, r"score.risk_tiers"),
         ({"score": {"attribution": "lime"}}, r"score.attribution must be one of .*'lime'"),
         ({"engine": "polars"}, r"engine must be one of \('duckdb', 'spark'\), got 'polars'"),
@@ -86,6 +96,8 @@ def test_dates_and_lists_are_parsed(make_settings):
         "no-amount",
         "format",
         "decimal-separator",
+        "ts-format-words",
+        "days-since-no-date",
         "tiers",
         "attribution",
         "engine",

@@ -365,6 +365,79 @@ def test_offsets_convert_to_the_shop_time_zone(tmp_path, make_settings):
     assert [str(t) for t in kept["ts"]] == [berlin for _, berlin in BERLIN_TIMES]
 
 
+# (text, ts_format, the time kept in Europe/Berlin or None when rejected as unparseable)
+NUMBER_TIMES = [
+    ("1616889600000", "unix_ms", "2021-03-28 01:00:00"),  # 00:00 UTC, CET (UTC+1)
+    ("1616893200000", "unix_ms", "2021-03-28 03:00:00"),  # 01:00 UTC, CEST from then on
+    ("1622541600123", "unix_ms", "2021-06-01 12:00:00.123000"),
+    ("1622541600", "unix_ms", None),  # seconds: January 1970 in milliseconds
+    ("1622541600", "unix_s", "2021-06-01 12:00:00"),
+    ("1622541600.5", "unix_s", "2021-06-01 12:00:00.500000"),
+    ("1622541600123", "unix_s", None),  # milliseconds: the year 53,000 in seconds
+    ("1622541600123456", "unix_us", "2021-06-01 12:00:00.123456"),
+    ("0", "days since 2020-01-01", "2020-01-01 00:00:00"),  # a calendar day: no offset
+    (" 59 ", "days since 2020-01-01", "2020-02-29 00:00:00"),
+    ("366", "days since 2020-01-01", "2021-01-01 00:00:00"),
+    ("-1", "days since 2020-01-01", "2019-12-31 00:00:00"),
+    ("1.5", "days since 2020-01-01", None),
+    ("2021-06-01 10:00", "days since 2020-01-01", "2021-06-01 10:00:00"),  # ISO beside
+    ("day 3", "days since 2020-01-01", None),
+]
+
+
+@pytest.mark.parametrize("ts_format", sorted({f for _, f, _ in NUMBER_TIMES}))
+def test_times_written_as_numbers_read_with_their_unit(ts_format, tmp_path, make_settings):
+    cases = [(text, kept) for text, f, kept in NUMBER_TIMES if f == ts_format]
+    export = tmp_path / "orders.csv"
+    rows = [{"c": k, "t": text, "v": 5} for k, (text, _) in enumerate(cases)]
+    pd.DataFrame(rows).to_csv(export, index=False)
+    source = {"path": str(export), "timezone": "Europe/Berlin", "ts_format": ts_format}
+    settings = make_settings(
+        data={"transactions": {**source, "columns": _line_totals("c", "t", "v")}}
+    )
+    summary = ingest.run(settings.data, settings.paths)
+    assert summary.rejected_by_reason["unparseable_ts"] == sum(k is None for _, k in cases)
+    kept = pd.read_parquet(settings.paths.transactions)
+    kept = kept.sort_values("customer_id", key=lambda ids: ids.astype(int))
+    assert [str(t) for t in kept["ts"]] == [k for _, k in cases if k is not None]
+
+
+def test_unix_times_in_a_typed_parquet_column_are_read(tmp_path, make_settings):
+    export = tmp_path / "app.parquet"
+    times = pd.Series([1622541600123, 1616889600000], dtype="int64")
+    pd.DataFrame({"c": ["1", "2"], "t": times, "v": [5.0, 6.0]}).to_parquet(export)
+    source = {"path": str(export), "timezone": "Europe/Berlin", "ts_format": "unix_ms"}
+    settings = make_settings(
+        data={"transactions": {**source, "columns": _line_totals("c", "t", "v")}}
+    )
+    assert ingest.run(settings.data, settings.paths).rows_kept == 2
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
+    assert [str(t) for t in kept["ts"]] == ["2021-06-01 12:00:00.123000", "2021-03-28 01:00:00"]
+
+
+def test_unix_times_in_another_unit_name_the_units(tmp_path, make_settings):
+    export = tmp_path / "app.csv"
+    export.write_text("c,t,v\n1,1622541600,5\n2,1622541600,5\n")
+    settings = make_settings(
+        data={
+            "transactions": {
+                "path": str(export),
+                "ts_format": "unix_ms",
+                "columns": _line_totals("c", "t", "v"),
+            }
+        }
+    )
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    assert str(raised.value) == (
+        f"{export}: 2 of 2 rows have no Unix time in the unit of ts_format 'unix_ms' (one "
+        "between 1973 and the year 5138), e.g. ['1622541600', '1622541600']; check the unit in "
+        "data.transactions.ts_format: unix_s counts seconds, unix_ms milliseconds, unix_us "
+        "microseconds"
+    )
+    assert not settings.paths.transactions.exists()
+
+
 TYPED = pd.DataFrame(
     {
         "Customer ID": [13085.0, 13085.0, 13086.0, 13087.0],

@@ -188,6 +188,25 @@ CASES = {
         {"timezone": "Europe/Berlin", "columns": line_totals("c", "t", "v")},
         None,
     ),
+    # Unix times across the switch to summer time, one in the wrong unit; day numbers
+    "unix_ms": (
+        "c,t,v\n1,1616889600000,5\n2,1616893200000,5\n3,1622541600123,5\n4,1622541600,5\n",
+        {
+            "timezone": "Europe/Berlin",
+            "ts_format": "unix_ms",
+            "columns": line_totals("c", "t", "v"),
+        },
+        None,
+    ),
+    "day_numbers": (
+        "c,t,v\n1,0,5\n2,59,5\n3,-1,5\n4,1.5,5\n5,2021-06-01 10:00,5\n",
+        {
+            "timezone": "Europe/Berlin",
+            "ts_format": "days since 2020-01-01",
+            "columns": line_totals("c", "t", "v"),
+        },
+        None,
+    ),
     # decimal commas, placeholder customer ids, implausible times, a purchase made twice,
     # amounts written for people (1.234,50 €; 1.000 is rejected, not misread)
     "european": (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
 ENGINES = ("duckdb", "spark")
 DECIMAL_SEPARATORS = (".", ",")  # data.*.decimal_separator: "5.95" or "5,95"
+# data.*.ts_format for times written as numbers: Unix time in a unit (numbers per second), or
+# whole days counted from a date ("days since 2020-01-01": 0 is that day, 1 the next).
+UNIX_TIME_UNITS = {"unix_s": 1, "unix_ms": 1_000, "unix_us": 1_000_000}
+DAYS_SINCE = re.compile(r"days since (\d{4}-\d\d-\d\d)")
 ATTRIBUTIONS = ("treeshap", "path")  # score.attribution: exact TreeSHAP, or path (Saabas)
 RFM_SEGMENTS = (
     "Champions",
@@ -96,6 +101,29 @@ class TransactionSource:
             return {}
         rates = {code.strip().upper(): rate for code, rate in self.currency_rates.items()}
         return {str(self.reporting_currency).strip().upper(): 1.0, **rates}
+
+
+@dataclass(frozen=True)
+class NumberTime:
+    """How a ``ts_format`` reads times written as numbers: Unix time, ``per_second``
+    numbers a second, or whole days after ``origin``."""
+
+    per_second: int | None = None
+    origin: date | None = None
+
+
+def number_time(ts_format: str | None) -> NumberTime | None:
+    """The :class:`NumberTime` a ``ts_format`` names; None for a strptime format or none.
+
+    >>> number_time("unix_ms")
+    NumberTime(per_second=1000, origin=None)
+    >>> number_time("days since 2020-01-01")
+    NumberTime(per_second=None, origin=datetime.date(2020, 1, 1))
+    """
+    if ts_format in UNIX_TIME_UNITS:
+        return NumberTime(per_second=UNIX_TIME_UNITS[ts_format])
+    days = DAYS_SINCE.fullmatch(ts_format or "")
+    return NumberTime(origin=date.fromisoformat(days.group(1))) if days else None
 
 
 @dataclass(frozen=True)
@@ -417,6 +445,7 @@ def _validate(s: Settings) -> None:
         )
     _validate_currency(src)
     for section, source in (("transactions", src), ("events", s.data.events)):
+        _validate_ts_format(section, source.ts_format)
         if source.decimal_separator not in DECIMAL_SEPARATORS:
             raise ParamsError(
                 f"params: data.{section}.decimal_separator must be '.' or ',', "
@@ -546,6 +575,24 @@ def duckdb_memory_limit(limit: str) -> str:
             "or '512MB'"
         ) from None
     return limit
+
+
+def _validate_ts_format(section: str, ts_format: str | None) -> None:
+    """A ``ts_format`` is a strptime format (with a ``%`` directive) or names a
+    :class:`NumberTime`."""
+    if not ts_format or "%" in ts_format:
+        return
+    try:
+        known = number_time(ts_format)
+    except ValueError as exc:  # "days since" a date that does not exist
+        raise ParamsError(f"params: data.{section}.ts_format {ts_format!r}: {exc}") from None
+    if known is None:
+        raise ParamsError(
+            f"params: data.{section}.ts_format {ts_format!r} is not a strptime format (no % "
+            'directive): write one such as "%d/%m/%Y %H:%M"; for times written as numbers, '
+            f"{', '.join(UNIX_TIME_UNITS)} (Unix time in seconds, milliseconds, microseconds) "
+            'or "days since 2020-01-01" (whole days counted from that date)'
+        )
 
 
 def _validate_currency(src: TransactionSource) -> None:

@@ -41,8 +41,10 @@ from churn.config import (
     DataSettings,
     Engine,
     EventSource,
+    NumberTime,
     Paths,
     TransactionSource,
+    number_time,
 )
 from churn.io import (
     InputError,
@@ -125,6 +127,27 @@ def _try_strptime(value: str, fmt: str) -> datetime:  # type: ignore[empty-body]
 @ibis.udf.scalar.builtin(name="try_to_timestamp")
 def _try_to_timestamp(value: str, fmt: str) -> datetime:  # type: ignore[empty-body]
     """Spark's ``try_to_timestamp``: null where the text does not match the pattern."""
+
+
+@ibis.udf.scalar.builtin(name="make_timestamp")
+def _utc_micros(micros: int) -> datetime:  # type: ignore[empty-body]
+    """DuckDB's ``make_timestamp``: microseconds since the epoch as a naive UTC time."""
+
+
+@ibis.udf.scalar.builtin(name="timezone")
+def _in_zone(zone: str, naive: datetime) -> dt.Timestamp(timezone="UTC"):  # type: ignore[empty-body,valid-type]
+    """DuckDB's ``timezone``: a naive time read in ``zone``, as a zoned time."""
+
+
+@ibis.udf.scalar.builtin(name="timestamp_micros")
+def _spark_micros(micros: int) -> datetime:  # type: ignore[empty-body]
+    """Spark's ``timestamp_micros``: microseconds since the epoch, shown in the session's zone."""
+
+
+# Unix times read as seconds outside this range (1973-03-03 to the year 5138) are another
+# unit's: 1.4e12 is milliseconds, 1.4e9 read as milliseconds would be January 1970.
+UNIX_SECONDS = (1e8, 1e11)
+MAX_DAY_NUMBER = 1e6  # |days| from a day-number origin beyond this are no date
 
 
 # strptime directives as Spark datetime pattern letters (numbers accept 1 or 2 digits).
@@ -304,13 +327,17 @@ def _customer(value: ir.Value) -> ir.StringValue:
 def _timestamp(value: ir.Value, ts_format: str | None, *, spark: bool = False) -> ir.TimestampValue:
     """Naive timestamp in the session's time zone (data.*.timezone); null where text does
     not parse. A zoned value is converted into that zone; a naive one is taken as in it.
-    Text is read with ``ts_format``, and an ISO 8601 date (``2021-06-01 ...``) as ISO."""
+    Text is read with ``ts_format`` (a strptime format, or numbers: see
+    :class:`churn.config.NumberTime`), and an ISO 8601 date (``2021-06-01 ...``) as ISO."""
     if not value.type().is_string():
         return value.cast("timestamp")
     text = _text(value)
-    if not ts_format:
+    numbers = number_time(ts_format)
+    if numbers is not None:
+        formatted = _number_time(text.try_cast("float64"), numbers, spark=spark)
+    elif not ts_format:
         return _iso_timestamp(text)
-    if spark:
+    elif spark:
         formatted = _try_to_timestamp(text, java_pattern(ts_format))
     else:
         formatted = _try_strptime(text, ts_format)
@@ -318,6 +345,28 @@ def _timestamp(value: ir.Value, ts_format: str | None, *, spark: bool = False) -
     # _read_unique): ISO dates, which no format misreads, are taken beside ts_format.
     iso = ibis.cases((text.re_search(ISO_DATE), _iso_timestamp(text)), else_=ibis.null("timestamp"))
     return formatted.coalesce(iso)
+
+
+def _number_time(
+    number: ir.FloatingValue, numbers: NumberTime, *, spark: bool
+) -> ir.TimestampValue:
+    """A time written as a number (see :class:`churn.config.NumberTime`), naive in the
+    session's time zone: a Unix time is an instant, converted into it; a day number is a
+    calendar day, taken at its midnight. Null for a day number that is not whole, and for
+    one or a Unix time out of range (``MAX_DAY_NUMBER``, ``UNIX_SECONDS``)."""
+    if numbers.origin is not None:
+        whole = (number == number.floor()) & (number.abs() < MAX_DAY_NUMBER)
+        days = ibis.cases((whole, number.cast("int64")), else_=ibis.null("int64"))
+        return (ibis.date(numbers.origin) + days.as_interval("D")).cast("timestamp")
+    seconds = number / numbers.per_second
+    low, high = UNIX_SECONDS
+    micros = ibis.cases(
+        ((seconds >= low) & (seconds < high), (number * (1e6 / numbers.per_second)).round()),
+        else_=ibis.null("float64"),
+    ).cast("int64")
+    if spark:
+        return _spark_micros(micros)
+    return _in_zone("UTC", _utc_micros(micros)).cast("timestamp")
 
 
 def _iso_timestamp(text: ir.StringValue) -> ir.TimestampValue:
@@ -845,9 +894,22 @@ def _mostly_rejected(
     examples = failed.select(ts=failed.source_ts.cast("string")).to_pyarrow()["ts"].to_pylist()
     tried = f"ts_format {source.ts_format!r}" if source.ts_format else "ISO 8601 (ts_format: null)"
     if reason == "unparseable_ts":
+        numbers = number_time(source.ts_format)
+        if numbers is not None and numbers.per_second:
+            return (
+                f"have no Unix time in the unit of {tried} (one between 1973 and the year "
+                f"5138), e.g. {examples}; check the unit in {section}.ts_format: unix_s "
+                "counts seconds, unix_ms milliseconds, unix_us microseconds"
+            )
+        if numbers is not None:
+            return (
+                f"have no whole number of days for {tried}, e.g. {examples}; check "
+                f"{section}.columns.ts and {section}.ts_format in params.yaml"
+            )
         return (
             f"have a date that does not parse with {tried}, e.g. {examples}; set "
-            f'{section}.ts_format in params.yaml (e.g. "%d/%m/%Y %H:%M")'
+            f'{section}.ts_format in params.yaml (e.g. "%d/%m/%Y %H:%M", or unix_s for '
+            "Unix time)"
         )
     return (
         f"have a date before {EARLIEST_TS:%Y-%m-%d} or more than a day after now (UTC) when "
