@@ -65,6 +65,10 @@ def test_dates_and_lists_are_parsed(make_settings):
             {"data": {"events": {"ts_format": "days since 2021-02-30"}}},
             r"data.events.ts_format 'days since 2021-02-30': day is out of range for month",
         ),
+        (
+            {"data": {"transactions": {"csv_encoding": "windows"}}},
+            r"data.transactions.csv_encoding 'windows' is not an encoding: use e.g. utf-8, cp1252",
+        ),
         ({"score": {"risk_tiers": {"high": 1.5}}}, r"score.risk_tiers"),
         ({"score": {"attribution": "lime"}}, r"score.attribution must be one of .*'lime'"),
         ({"engine": "polars"}, r"engine must be one of \('duckdb', 'spark'\), got 'polars'"),
@@ -98,6 +102,7 @@ def test_dates_and_lists_are_parsed(make_settings):
         "decimal-separator",
         "ts-format-words",
         "days-since-no-date",
+        "encoding",
         "tiers",
         "attribution",
         "engine",

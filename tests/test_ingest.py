@@ -926,6 +926,70 @@ def test_the_same_long_export_reads_with_its_encoding(tmp_path, make_settings):
     assert kept.loc[kept["order_id"] == "late", "country"].tolist() == ["café"]
 
 
+# Windows exports: €, the dash and the quote are bytes 0x80, 0x96 and 0x92 in cp1252, control
+# codes in latin-1
+DASH, QUOTE = "\u2013", "\u2019"
+CP1252_EXPORT = "Invoice;Customer ID;InvoiceDate;Quantity;Price;StockCode;Country\n" + (
+    f"1;Société Générale;2021-01-01 10:00:00;1;2,5;MUG{DASH}€;Côte d{QUOTE}Ivoire\n"
+    "2;Straße 5;2021-01-02 10:00:00;2;3;P1;Österreich\n"
+)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+def test_an_export_in_a_windows_encoding_is_read_with_its_characters(
+    tmp_path, make_settings, compressed
+):
+    data = CP1252_EXPORT.encode("cp1252")
+    export = tmp_path / ("orders.csv.gz" if compressed else "orders.csv")
+    export.write_bytes(gzip.compress(data) if compressed else data)
+    source = {"path": str(export), "csv_delimiter": ";", "decimal_separator": ","}
+    settings = make_settings(data={"transactions": {**source, "csv_encoding": "cp1252"}})
+    assert ingest.run(settings.data, settings.paths).rows_kept == 2
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["customer_id"].tolist() == ["Société Générale", "Straße 5"]
+    assert kept["product_id"].tolist() == [f"MUG{DASH}€", "P1"]
+    assert kept["country"].tolist() == [f"Côte d{QUOTE}Ivoire", "Österreich"]
+    assert kept["amount"].tolist() == [2.5, 6.0]
+
+
+@pytest.mark.parametrize("encoding", ["iso-8859-1", "latin1", "UTF8", "utf-8-sig"])
+def test_every_spelling_of_an_encoding_reads(tmp_path, make_settings, encoding):
+    export = tmp_path / "orders.csv"
+    text = CP1252_EXPORT.replace(f"{DASH}€", "").replace(QUOTE, "'")  # in latin-1 too
+    export.write_bytes(text.encode(encoding))
+    source = {"path": str(export), "csv_delimiter": ";", "decimal_separator": ","}
+    settings = make_settings(data={"transactions": {**source, "csv_encoding": encoding}})
+    assert ingest.run(settings.data, settings.paths).rows_kept == 2
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("order_id")
+    assert kept["country"].tolist() == ["Côte d'Ivoire", "Österreich"]
+
+
+def test_a_byte_not_in_the_encoding_names_the_file_and_the_setting(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    export.write_bytes(CP1252_EXPORT.encode("cp1252").replace(b"P1", b"P\x81"))
+    source = {"path": str(export), "csv_delimiter": ";", "csv_encoding": "cp1252"}
+    settings = make_settings(data={"transactions": source})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    assert str(raised.value) == (
+        f"{export}: cannot read as cp1252: character maps to <undefined> (byte 0x81); check "
+        "data.transactions.csv_encoding in params.yaml"
+    )
+    assert not settings.paths.transactions.exists()
+
+
+def test_a_bad_line_of_an_export_read_from_a_utf8_copy_names_the_export(tmp_path, make_settings):
+    _long_export(tmp_path / "b.csv", "99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra\n")
+    source = {"path": str(tmp_path / "b.csv"), "csv_encoding": "cp1252"}
+    settings = make_settings(data={"transactions": source})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'b.csv'}: cannot read: ")
+    assert "CSV Error on Line: 25000" in message
+    assert "churn-utf8" not in message  # the copy's folder
+
+
 # --- placeholder customer ids -------------------------------------------------------------
 
 PLACEHOLDER_IDS = ["NULL", " n/a ", "NA", "nan", "None", "-", "N/A", "null"]

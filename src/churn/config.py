@@ -6,6 +6,7 @@ each stage the section it needs.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import itertools
 import os
@@ -446,6 +447,13 @@ def _validate(s: Settings) -> None:
     _validate_currency(src)
     for section, source in (("transactions", src), ("events", s.data.events)):
         _validate_ts_format(section, source.ts_format)
+        try:
+            codecs.lookup(source.csv_encoding)
+        except LookupError:
+            raise ParamsError(
+                f"params: data.{section}.csv_encoding {source.csv_encoding!r} is not an "
+                "encoding: use e.g. utf-8, cp1252 (Windows exports) or latin-1"
+            ) from None
         if source.decimal_separator not in DECIMAL_SEPARATORS:
             raise ParamsError(
                 f"params: data.{section}.decimal_separator must be '.' or ',', "

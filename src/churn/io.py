@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import csv
 import glob
+import gzip
 import json
 import logging
 import os
@@ -47,6 +49,13 @@ T = TypeVar("T")
 UMASK = os.umask(0o022)  # the process's umask, read once (setting it is the only way) ...
 os.umask(UMASK)  # ... and put back
 R = TypeVar("R")
+
+# The CSV encodings DuckDB reads itself, by Python's name of the codec: DuckDB's name. A CSV in
+# another encoding (cp1252, the Windows exports' default; utf-8-sig...) is read from a UTF-8
+# copy in a temporary folder removed at exit.
+DUCKDB_ENCODINGS = {"utf-8": "utf-8", "utf-16": "utf-16", "iso8859-1": "latin-1"}
+_UTF8_COPIES: dict[str, Path] = {}  # a UTF-8 copy's path: the export it was made from
+_utf8_folder: tempfile.TemporaryDirectory | None = None
 
 EMPTY_FILE = "empty file (no header); remove it or export it again"
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
@@ -256,6 +265,8 @@ def read_table(
     try:
         if fmt == "parquet":
             return con.read_parquet(path)
+        if fmt == "csv" and not is_spark(con):
+            path, encoding = duckdb_readable(path, encoding, section=section)
         if fmt == "csv" and delimiter == WHITESPACE:
             return _read_whitespace_separated(con, path, encoding)
         if fmt == "csv" and is_spark(con):
@@ -304,6 +315,43 @@ def excel_sheets(path: Path) -> pd.DataFrame:
         )
     frames = list(filled.values()) or list(sheets.values())[:1]
     return pd.concat(frames, ignore_index=True)
+
+
+def duckdb_readable(path: Path, encoding: str, *, section: str) -> tuple[Path, str]:
+    """A CSV export and the name of its encoding for DuckDB: itself when DuckDB reads the
+    encoding, else a UTF-8 copy (of a plain or ``.gz`` export) in a temporary folder.
+
+    Raises
+    ------
+    InputError
+        When a byte is not valid in ``encoding``, or a ``.zst`` export needs a copy.
+    """
+    name = codecs.lookup(encoding).name
+    if name in DUCKDB_ENCODINGS:
+        return path, DUCKDB_ENCODINGS[name]
+    if path.suffix == ".zst":
+        raise InputError(
+            f"{path}: a zstd-compressed CSV in {encoding} cannot be read: decompress it, "
+            "compress it with gzip, or export it as UTF-8"
+        )
+    global _utf8_folder
+    if _utf8_folder is None:
+        _utf8_folder = tempfile.TemporaryDirectory(prefix="churn-utf8-")
+    copy = Path(_utf8_folder.name) / f"{len(_UTF8_COPIES)}-{path.name.removesuffix('.gz')}"
+    opener = gzip.open if path.suffix == ".gz" else open
+    with (
+        opener(path, "rt", encoding=encoding, newline="") as source,
+        copy.open("w", encoding="utf-8", newline="") as target,
+    ):
+        try:
+            shutil.copyfileobj(source, target, 1 << 20)
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{path}: cannot read as {encoding}: {exc.reason} (byte "
+                f"{exc.object[exc.start]:#x}); check {section}.csv_encoding in params.yaml"
+            ) from None
+    _UTF8_COPIES[str(copy)] = path
+    return copy, "utf-8"
 
 
 def csv_hint(section: str, delimiter: str, encoding: str) -> str:
@@ -382,7 +430,9 @@ def failed_file(message: str) -> str | None:
     found = re.search(r"^\s*file = (.+?)\s*$", message, re.MULTILINE) or re.search(
         r"while reading file (?:file://)?(\S+?)\.?(?:\s|$)", message
     )
-    return found.group(1) if found else None
+    if not found:
+        return None
+    return str(_UTF8_COPIES.get(found.group(1), found.group(1)))  # a copy names its export
 
 
 def _read_csv(con: ibis.BaseBackend, path: Path, delimiter: str, encoding: str) -> ir.Table:
