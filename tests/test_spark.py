@@ -24,7 +24,7 @@ from churn import ChurnError, features, ingest, score
 from churn.config import Engine, FeatureSettings, Settings, SparkSettings, settings_from_dict
 from churn.io import InputError, connect, is_spark
 from tests.conftest import SAMPLE, TINY_ROWS, merge, project_params, tx
-from tests.test_ingest import BERLIN_TIMES, MESSY, _long_export
+from tests.test_ingest import BERLIN_TIMES, CP1252_EXPORT, MESSY, _long_export
 from tests.test_ingest import _line_totals as line_totals
 
 pytestmark = pytest.mark.spark
@@ -234,6 +234,25 @@ def test_spark_ingest_of_exports_equals_duckdb(case, tmp_path, spark_con):
         expected = pd.read_parquet(getattr(duck, table))
         assert_same_table(expected, pd.read_parquet(getattr(spark, table)), list(expected.columns))
     assert _report(spark.ingest_report) == _report(duck.ingest_report)
+
+
+def test_a_windows_encoded_export_reads_on_spark_as_on_duckdb(tmp_path, spark_con):
+    """cp1252, which Spark does not read itself, and latin-1 spelt the Python way."""
+    for encoding in ("cp1252", "latin-1"):
+        text, decimals = (CP1252_EXPORT, ",") if encoding == "cp1252" else (MESSY, ".")
+        export = tmp_path / f"{encoding}.csv"
+        export.write_bytes(text.encode(encoding))
+        source = {"path": str(export), "csv_delimiter": ";", "csv_encoding": encoding}
+        overrides = {"data": {"transactions": {**source, "decimal_separator": decimals}}}
+        duck, spark = (
+            _ingest_on(engine, tmp_path / encoding / engine, overrides, None).paths
+            for engine in ("duckdb", "spark")
+        )
+        expected = pd.read_parquet(duck.transactions)
+        assert len(expected) >= 2
+        actual = pd.read_parquet(spark.transactions)
+        assert_same_table(expected, actual, list(expected.columns))
+        assert _report(spark.ingest_report) == _report(duck.ingest_report)
 
 
 def test_scoring_snapshot_on_spark_equals_duckdb(both_engines):

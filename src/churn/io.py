@@ -50,10 +50,19 @@ UMASK = os.umask(0o022)  # the process's umask, read once (setting it is the onl
 os.umask(UMASK)  # ... and put back
 R = TypeVar("R")
 
-# The CSV encodings DuckDB reads itself, by Python's name of the codec: DuckDB's name. A CSV in
-# another encoding (cp1252, the Windows exports' default; utf-8-sig...) is read from a UTF-8
-# copy in a temporary folder removed at exit.
+# The CSV encodings each engine reads itself, by Python's name of the codec: the engine's name.
+# A CSV in another encoding (cp1252, the Windows exports' default; utf-8-sig...) is read from
+# a UTF-8 copy in a temporary folder removed at exit.
 DUCKDB_ENCODINGS = {"utf-8": "utf-8", "utf-16": "utf-16", "iso8859-1": "latin-1"}
+SPARK_ENCODINGS = {
+    "utf-8": "utf-8",
+    "utf-16": "utf-16",
+    "utf-16-be": "utf-16be",
+    "utf-16-le": "utf-16le",
+    "utf-32": "utf-32",
+    "iso8859-1": "iso-8859-1",
+    "ascii": "us-ascii",
+}
 _UTF8_COPIES: dict[str, Path] = {}  # a UTF-8 copy's path: the export it was made from
 _utf8_folder: tempfile.TemporaryDirectory | None = None
 
@@ -265,8 +274,8 @@ def read_table(
     try:
         if fmt == "parquet":
             return con.read_parquet(path)
-        if fmt == "csv" and not is_spark(con):
-            path, encoding = duckdb_readable(path, encoding, section=section)
+        if fmt == "csv":
+            path, encoding = engine_readable(path, encoding, spark=is_spark(con), section=section)
         if fmt == "csv" and delimiter == WHITESPACE:
             return _read_whitespace_separated(con, path, encoding)
         if fmt == "csv" and is_spark(con):
@@ -317,8 +326,8 @@ def excel_sheets(path: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def duckdb_readable(path: Path, encoding: str, *, section: str) -> tuple[Path, str]:
-    """A CSV export and the name of its encoding for DuckDB: itself when DuckDB reads the
+def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> tuple[Path, str]:
+    """A CSV export and the engine's name of its encoding: itself when the engine reads the
     encoding, else a UTF-8 copy (of a plain or ``.gz`` export) in a temporary folder.
 
     Raises
@@ -327,8 +336,9 @@ def duckdb_readable(path: Path, encoding: str, *, section: str) -> tuple[Path, s
         When a byte is not valid in ``encoding``, or a ``.zst`` export needs a copy.
     """
     name = codecs.lookup(encoding).name
-    if name in DUCKDB_ENCODINGS:
-        return path, DUCKDB_ENCODINGS[name]
+    native = SPARK_ENCODINGS if spark else DUCKDB_ENCODINGS
+    if name in native:
+        return path, native[name]
     if path.suffix == ".zst":
         raise InputError(
             f"{path}: a zstd-compressed CSV in {encoding} cannot be read: decompress it, "
