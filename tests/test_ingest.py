@@ -343,6 +343,8 @@ BERLIN_TIMES = [
     ("2021-06-01 10:00:00 UTC", "2021-06-01 12:00:00"),
     ("2021-06-01 10:00:00 America/New_York", "2021-06-01 16:00:00"),  # EDT, UTC-4
     ("\t2021-06-01 10:00:00+00:00 ", "2021-06-01 12:00:00"),
+    ("2021-06-01 10:00:00 -0400", "2021-06-01 16:00:00"),  # Shopify's "Created at"
+    ("2021-12-01 10:00:00 +00:00", "2021-12-01 11:00:00"),  # CET in winter
 ]
 
 
@@ -436,6 +438,18 @@ def test_unix_times_in_another_unit_name_the_units(tmp_path, make_settings):
         "microseconds"
     )
     assert not settings.paths.transactions.exists()
+
+
+def test_a_ts_format_with_an_offset_converts_to_the_shop_time_zone(tmp_path, make_settings):
+    export = tmp_path / "orders.csv"
+    export.write_text("c,t,v\n1,01/06/2021 10:00 -0400,5\n2,01/12/2021 10:00 +0000,5\n")
+    source = {"path": str(export), "timezone": "Europe/Berlin", "ts_format": "%d/%m/%Y %H:%M %z"}
+    settings = make_settings(
+        data={"transactions": {**source, "columns": _line_totals("c", "t", "v")}}
+    )
+    assert ingest.run(settings.data, settings.paths).rows_kept == 2
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
+    assert [str(t) for t in kept["ts"]] == ["2021-06-01 16:00:00", "2021-12-01 11:00:00"]
 
 
 TYPED = pd.DataFrame(

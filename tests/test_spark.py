@@ -188,6 +188,15 @@ CASES = {
         {"timezone": "Europe/Berlin", "columns": line_totals("c", "t", "v")},
         None,
     ),
+    "zoned_format": (
+        "c,t,v\n1,01/06/2021 10:00 -0400,5\n2,01/12/2021 10:00 +0000,5\n3,01/12/2021 10:00,5\n",
+        {
+            "timezone": "Europe/Berlin",
+            "ts_format": "%d/%m/%Y %H:%M %z",
+            "columns": line_totals("c", "t", "v"),
+        },
+        None,
+    ),
     # Unix times across the switch to summer time, one in the wrong unit; day numbers
     "unix_ms": (
         "c,t,v\n1,1616889600000,5\n2,1616893200000,5\n3,1622541600123,5\n4,1622541600,5\n",

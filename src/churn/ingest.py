@@ -369,12 +369,21 @@ def _number_time(
     return _in_zone("UTC", _utc_micros(micros)).cast("timestamp")
 
 
+def _offset_joined(text: ir.StringValue) -> ir.StringValue:
+    """``text`` with the blanks before a numeric offset at its end removed, as in Shopify's
+    ``2021-06-01 10:00:00 -0400``, which the engines do not parse with the blank."""
+    # No back-reference in a replacement (DuckDB spells it \1, Spark $1): extract and join.
+    spaced = r"^(.*\d)\s+([+-]\d\d(:?\d\d)?)$"
+    joined = text.re_extract(spaced, 1).concat(text.re_extract(spaced, 2))
+    return ibis.cases((text.re_search(spaced), joined), else_=text)
+
+
 def _iso_timestamp(text: ir.StringValue) -> ir.TimestampValue:
     """An ISO 8601 text as a naive timestamp in the session's time zone; null where it does
     not parse."""
     # Only a time with an offset or zone needs the zoned type, which parses 3x slower;
     # a naive cast drops the offset, so it is kept for times that have none.
-    zoned = text.try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
+    zoned = _offset_joined(text).try_cast(dt.Timestamp(timezone="UTC")).cast("timestamp")
     naive = text.try_cast("timestamp")
     return ibis.cases((text.re_search(ZONED_TIME), zoned), else_=naive.coalesce(zoned))
 
