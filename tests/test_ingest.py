@@ -5,6 +5,7 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import ibis
@@ -39,6 +40,12 @@ def _line_totals(customer_id: str, ts: str, amount: str) -> dict[str, str | None
         "product_id": None,
         "country": None,
     }
+
+
+def _ctv_settings(make_settings, export: Path, **source: Any):
+    """Settings reading ``export``: customer ``c``, time ``t`` and line total ``v``."""
+    columns = _line_totals("c", "t", "v")
+    return make_settings(data={"transactions": {"path": str(export), **source, "columns": columns}})
 
 
 @pytest.fixture
@@ -393,10 +400,7 @@ def test_times_written_as_numbers_read_with_their_unit(ts_format, tmp_path, make
     export = tmp_path / "orders.csv"
     rows = [{"c": k, "t": text, "v": 5} for k, (text, _) in enumerate(cases)]
     pd.DataFrame(rows).to_csv(export, index=False)
-    source = {"path": str(export), "timezone": "Europe/Berlin", "ts_format": ts_format}
-    settings = make_settings(
-        data={"transactions": {**source, "columns": _line_totals("c", "t", "v")}}
-    )
+    settings = _ctv_settings(make_settings, export, timezone="Europe/Berlin", ts_format=ts_format)
     summary = ingest.run(settings.data, settings.paths)
     assert summary.rejected_by_reason["unparseable_ts"] == sum(k is None for _, k in cases)
     kept = pd.read_parquet(settings.paths.transactions)
@@ -408,10 +412,7 @@ def test_unix_times_in_a_typed_parquet_column_are_read(tmp_path, make_settings):
     export = tmp_path / "app.parquet"
     times = pd.Series([1622541600123, 1616889600000], dtype="int64")
     pd.DataFrame({"c": ["1", "2"], "t": times, "v": [5.0, 6.0]}).to_parquet(export)
-    source = {"path": str(export), "timezone": "Europe/Berlin", "ts_format": "unix_ms"}
-    settings = make_settings(
-        data={"transactions": {**source, "columns": _line_totals("c", "t", "v")}}
-    )
+    settings = _ctv_settings(make_settings, export, timezone="Europe/Berlin", ts_format="unix_ms")
     assert ingest.run(settings.data, settings.paths).rows_kept == 2
     kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
     assert [str(t) for t in kept["ts"]] == ["2021-06-01 12:00:00.123000", "2021-03-28 01:00:00"]
@@ -420,15 +421,7 @@ def test_unix_times_in_a_typed_parquet_column_are_read(tmp_path, make_settings):
 def test_unix_times_in_another_unit_name_the_units(tmp_path, make_settings):
     export = tmp_path / "app.csv"
     export.write_text("c,t,v\n1,1622541600,5\n2,1622541600,5\n")
-    settings = make_settings(
-        data={
-            "transactions": {
-                "path": str(export),
-                "ts_format": "unix_ms",
-                "columns": _line_totals("c", "t", "v"),
-            }
-        }
-    )
+    settings = _ctv_settings(make_settings, export, ts_format="unix_ms")
     with pytest.raises(InputError) as raised:
         ingest.run(settings.data, settings.paths)
     assert str(raised.value) == (
@@ -443,10 +436,8 @@ def test_unix_times_in_another_unit_name_the_units(tmp_path, make_settings):
 def test_a_ts_format_with_an_offset_converts_to_the_shop_time_zone(tmp_path, make_settings):
     export = tmp_path / "orders.csv"
     export.write_text("c,t,v\n1,01/06/2021 10:00 -0400,5\n2,01/12/2021 10:00 +0000,5\n")
-    source = {"path": str(export), "timezone": "Europe/Berlin", "ts_format": "%d/%m/%Y %H:%M %z"}
-    settings = make_settings(
-        data={"transactions": {**source, "columns": _line_totals("c", "t", "v")}}
-    )
+    zoned = "%d/%m/%Y %H:%M %z"
+    settings = _ctv_settings(make_settings, export, timezone="Europe/Berlin", ts_format=zoned)
     assert ingest.run(settings.data, settings.paths).rows_kept == 2
     kept = pd.read_parquet(settings.paths.transactions).sort_values("customer_id")
     assert [str(t) for t in kept["ts"]] == ["2021-06-01 16:00:00", "2021-12-01 11:00:00"]
