@@ -188,6 +188,7 @@ CASES = {
         {"timezone": "Europe/Berlin", "columns": line_totals("c", "t", "v")},
         None,
     ),
+    # an offset in the ts_format (%z), and a time without one
     "zoned_format": (
         "c,t,v\n1,01/06/2021 10:00 -0400,5\n2,01/12/2021 10:00 +0000,5\n3,01/12/2021 10:00,5\n",
         {

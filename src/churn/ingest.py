@@ -352,8 +352,8 @@ def _number_time(
 ) -> ir.TimestampValue:
     """A time written as a number (see :class:`churn.config.NumberTime`), naive in the
     session's time zone: a Unix time is an instant, converted into it; a day number is a
-    calendar day, taken at its midnight. Null for a day number that is not whole, and for
-    one or a Unix time out of range (``MAX_DAY_NUMBER``, ``UNIX_SECONDS``)."""
+    calendar day, taken at its midnight. Null for a day number that is not whole or beyond
+    ``MAX_DAY_NUMBER``, and for a Unix time outside ``UNIX_SECONDS``."""
     if numbers.origin is not None:
         whole = (number == number.floor()) & (number.abs() < MAX_DAY_NUMBER)
         days = ibis.cases((whole, number.cast("int64")), else_=ibis.null("int64"))
