@@ -6,6 +6,7 @@ import codecs
 import collections
 import contextlib
 import csv
+import functools
 import glob
 import gzip
 import json
@@ -64,7 +65,6 @@ SPARK_ENCODINGS = {
     "ascii": "us-ascii",
 }
 _UTF8_COPIES: dict[str, Path] = {}  # a UTF-8 copy's path: the export it was made from
-_utf8_folder: tempfile.TemporaryDirectory | None = None
 
 EMPTY_FILE = "empty file (no header); remove it or export it again"
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
@@ -344,10 +344,7 @@ def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> 
             f"{path}: a zstd-compressed CSV in {encoding} cannot be read: decompress it, "
             "compress it with gzip, or export it as UTF-8"
         )
-    global _utf8_folder
-    if _utf8_folder is None:
-        _utf8_folder = tempfile.TemporaryDirectory(prefix="churn-utf8-")
-    copy = Path(_utf8_folder.name) / f"{len(_UTF8_COPIES)}-{path.name.removesuffix('.gz')}"
+    copy = Path(_utf8_folder().name) / f"{len(_UTF8_COPIES)}-{path.name.removesuffix('.gz')}"
     opener = gzip.open if path.suffix == ".gz" else open
     with (
         opener(path, "rt", encoding=encoding, newline="") as source,
@@ -362,6 +359,12 @@ def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> 
             ) from None
     _UTF8_COPIES[str(copy)] = path
     return copy, "utf-8"
+
+
+@functools.cache
+def _utf8_folder() -> tempfile.TemporaryDirectory:
+    """The folder of the process's UTF-8 copies, made at the first and removed at exit."""
+    return tempfile.TemporaryDirectory(prefix="churn-utf8-")
 
 
 def csv_hint(section: str, delimiter: str, encoding: str) -> str:
