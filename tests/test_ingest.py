@@ -504,6 +504,27 @@ def test_without_order_ids_only_the_overlap_of_exports_is_removed(tmp_path, make
     }
 
 
+def test_lines_differing_in_an_unmapped_column_are_not_duplicates(tmp_path, make_settings):
+    # May: an order's two lines of 9.99 differ only in their sku, which is not mapped: two
+    # lines; the third repeats the second exactly. June repeats May's order (the exports
+    # overlap) with another export date, and holds B's line.
+    header = "order,customer,date,total,sku,exported\n"
+    (tmp_path / "may.csv").write_text(
+        header + "1,A,2021-05-03,9.99,X,05-31\n1,A,2021-05-03,9.99,Y,05-31\n"
+        "1,A,2021-05-03,9.99,Y,05-31\n"
+    )
+    (tmp_path / "june.csv").write_text(
+        header + "1,A,2021-05-03,9.99,X,06-30\n1,A,2021-05-03,9.99,Y,06-30\n"
+        "2,B,2021-06-01,5,X,06-30\n"
+    )
+    columns = {**_line_totals("customer", "date", "total"), "order_id": "order"}
+    settings = make_settings(data={"transactions": {"path": str(tmp_path), "columns": columns}})
+    summary = ingest.run(settings.data, settings.paths)
+    assert (summary.rows_read, summary.rows_kept, summary.duplicates_removed) == (6, 3, 3)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert kept.groupby("order_id")["amount"].sum().round(2).to_dict() == {"1": 19.98, "2": 5.0}
+
+
 def test_a_negative_line_total_without_a_quantity_is_a_return(tmp_path, make_settings):
     (tmp_path / "sales.csv").write_text("c,t,v\nA,2021-05-03,10\nA,2021-05-20,-4\nB,2021-05-21,0\n")
     columns = _line_totals("c", "t", "v")

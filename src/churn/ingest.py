@@ -209,10 +209,13 @@ def source_lines(
     names: tuple[str, ...] = CANONICAL_COLUMNS,
     section: str = "data.transactions",
     file: int | ir.IntegerColumn,
+    others: tuple[str, ...] = (),
 ) -> ir.Table:
     """Select the mapped source columns of one export under canonical ``names``: as read
-    when typed so that no text is needed (see :func:`_typed`), otherwise as text; and
-    ``file``, the index of the export each line is in (among the source's files).
+    when typed so that no text is needed (see :func:`_typed`), otherwise as text;
+    ``file``, the index of the export each line is in (among the source's files); and the
+    unmapped columns ``others`` as text (null where the export has no such column), named by
+    :func:`_other_names`.
 
     Raises
     ------
@@ -235,7 +238,16 @@ def source_lines(
         column = table[source]
         selected[canonical] = column if _typed(column, canonical) else column.cast("string")
     index = ibis.literal(file, FILE_INDEX) if isinstance(file, int) else file.cast(FILE_INDEX)
-    return table.select(**selected, file=index)
+    kept = {
+        name: table[column].cast("string") if column in present else ibis.null("string")
+        for name, column in _other_names(others).items()
+    }
+    return table.select(**selected, **kept, file=index)
+
+
+def _other_names(others: tuple[str, ...]) -> dict[str, str]:
+    """Internal names for unmapped export columns, which cannot clash with canonical ones."""
+    return {f"_other_{i}": column for i, column in enumerate(others)}
 
 
 def _typed(column: ir.Column, canonical: str) -> bool:
@@ -594,11 +606,15 @@ def _read_unique(
     computes once), each line with the index of the ``file`` it came from (the first when
     several hold it); rows per file. A column the exports type differently is read as text.
 
-    With ``keep_repeats`` only the copies that overlapping exports share are removed: a line
-    repeated in one file is kept as often as the file that repeats it most holds it."""
+    Within an export, lines equal in every column, mapped or not, are one line (an order's
+    two lines that differ only in an unmapped product column stay two); with
+    ``keep_repeats`` a line an export repeats is kept as often as it repeats. Across
+    exports, a line of the mapped columns is kept as often as the export holding it most
+    often has it: overlapping exports count their shared lines once, even when an unmapped
+    column (an export date, a row number) differs between them."""
     files = expand_inputs(source.path, section=section, declared_format=source.format)
-    per_file, frames, kinds = {}, [], set()
-    for index, path in enumerate(files):
+    per_file, tables, kinds = {}, [], set()
+    for path in files:
         fmt = file_format(path, source.format, section=section)
         table = read_table(
             con,
@@ -611,9 +627,23 @@ def _read_unique(
         kinds.add((fmt, table.schema()))
         with reading(con, [path], hint=_read_hint(source, [path], section=section)):
             per_file[_display(path)] = int(table.count().execute())
-        frames.append(
-            source_lines(table, source.columns, path=path, names=names, section=section, file=index)
+        tables.append(table)
+    mapped_sources = {source.columns.get(c) for c in names}
+    others = tuple(
+        dict.fromkeys(c for table in tables for c in table.columns if c not in mapped_sources)
+    )
+    frames = [
+        source_lines(
+            table,
+            source.columns,
+            path=path,
+            names=names,
+            section=section,
+            file=index,
+            others=others,
         )
+        for index, (path, table) in enumerate(zip(files, tables, strict=True))
+    ]
     if sum(per_file.values()) == 0:
         raise InputError(f"{', '.join(map(str, files))}: input holds no rows")
     if len(files) > 1 and len(kinds) == 1 and fmt == "parquet" and not is_spark(con):
@@ -628,19 +658,23 @@ def _read_unique(
             names=names,
             section=section,
             file=table[FILE_COLUMN],
+            others=others,
         )
         frames = [lines]
     mixed = [c for c in names if len({frame[c].type() for frame in frames}) > 1]
     frames = [frame.mutate(**{c: frame[c].cast("string") for c in mixed}) for frame in frames]
-    # One grouping over every export (Ibis nests a distinct union pairwise, which hashes
-    # each line once per level), on the mapped columns: the others are null throughout.
+    # Groupings over every export at once (Ibis nests a distinct union pairwise, which
+    # hashes each line once per level), on the mapped columns: the canonical columns left
+    # unmapped are null throughout.
     mapped = [c for c in names if source.columns.get(c) is not None]
-    lines = ibis.union(*[frame.select(*mapped, "file") for frame in frames])
-    if keep_repeats:
+    lines = ibis.union(*[frame.select(*mapped, *_other_names(others), "file") for frame in frames])
+    if keep_repeats or others:
+        if not keep_repeats:
+            lines = lines.distinct()
         copies = lines.group_by([*mapped, "file"]).agg(_copies=lines.count())
         unique = copies.group_by(mapped).agg(file=copies.file.min(), _copies=copies._copies.max())
         unique = unique.mutate(_copy=ibis.range(unique._copies)).unnest("_copy")
-    else:
+    else:  # each line once: one grouping
         unique = lines.group_by(mapped).agg(file=lines.file.min())
     unmapped = {c: ibis.null(frames[0][c].type()) for c in names if c not in mapped}
     unique = unique.mutate(**unmapped).select(*names, "file")
