@@ -179,7 +179,8 @@ CASES = {
     ),
     "us_dates": (
         "cust,when,total\n1,03/15/2021 08:05,10.5\n2,15/03/2021 08:05,3\n3,3/5/2021 18:00,2\n"
-        '4,3/6/2021 09:00,"$1,234.50"\n5,3/7/2021 09:00,"1,000"\n',
+        '4,3/6/2021 09:00,"$1,234.50"\n5,3/7/2021 09:00,"1,000"\n6,3/8/2021 09:00,(12.50)\n'
+        "7,3/9/2021 09:00,5.00-\n",
         {"ts_format": "%m/%d/%Y %H:%M", "columns": line_totals("cust", "when", "total")},
         None,
     ),
@@ -217,12 +218,19 @@ CASES = {
         },
         None,
     ),
+    # an order's lines that differ only in an unmapped sku, one of them twice
+    "unmapped_column": (
+        "order,customer,date,total,sku\n1,A,2021-05-03,9.99,X\n1,A,2021-05-03,9.99,Y\n"
+        "1,A,2021-05-03,9.99,Y\n2,B,2021-05-04,5,X\n",
+        {"columns": {**line_totals("customer", "date", "total"), "order_id": "order"}},
+        None,
+    ),
     # decimal commas, placeholder customer ids, implausible times, a purchase made twice,
-    # amounts written for people (1.234,50 €; 1.000 is rejected, not misread)
+    # amounts written for people (1.234,50 €, 12,50-; 1.000 is rejected, not misread)
     "european": (
         "c;t;v\n1;2021-03-15 08:05;5,95\nN/A;2021-03-15 08:05;3\n2;1900-01-01 00:00;2\n"
         "3;2021-03-16 10:00;4\n4;2021-03-17 10:00;1,5\n4;2021-03-17 10:00;1,5\n"
-        "5;2021-03-18 10:00;1.234,50 €\n6;2021-03-18 11:00;1.000\n",
+        "5;2021-03-18 10:00;1.234,50 €\n6;2021-03-18 11:00;1.000\n7;2021-03-19 10:00;12,50-\n",
         {"csv_delimiter": ";", "decimal_separator": ",", "columns": line_totals("c", "t", "v")},
         "customer_id,ts,event_type,value\nNULL,2021-01-02 09:00:00,visit,\n"
         "13085,2999-01-02 09:00:00,visit,\n13085,2021-01-03 09:00:00,nps,3\n",

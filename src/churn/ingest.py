@@ -297,7 +297,8 @@ SAFE_GROUPING = " \u00a0'"
 
 
 def _grouped_number(text: ir.StringValue, decimal_separator: str) -> ir.FloatingValue:
-    """A number with a currency sign or digits grouped by thousands, or null.
+    """A number with a currency sign, digits grouped by thousands or an accountant's
+    negative (``(12.50)``, ``12.50-``), or null.
 
     The separator that is not the decimal one (``,`` for ``.``) groups thousands only where
     no decimal reading remains: followed by a decimal part (``1,234.50``) or repeated
@@ -316,11 +317,15 @@ def _grouped_number(text: ir.StringValue, decimal_separator: str) -> ir.Floating
         )
     )
     sign, money = "[+-]?", f"[{CURRENCY_SIGNS}]?"
-    written = text.re_search(rf"^{sign}{money}\s*{sign}({number})\s*{money}$")
+    amount = rf"{money}\s*({number})\s*{money}"
+    # Accountants' negatives: in parentheses, (12.50), or with a trailing minus, 12.50-.
+    accounting = rf"\(\s*{amount}\s*\)|{amount}\s*-"
+    written = text.re_search(rf"^({sign}{money}\s*{sign}({number})\s*{money}|{accounting})$")
     # One pattern and one replacement, both of the text itself: DuckDB computes an expression
     # used twice on every row first, also where the plain reading succeeded (4x the time).
-    digits = text.re_replace(rf"[^0-9+\-{point}]", "").replace(decimal_separator, ".")
-    return ibis.cases((written, digits.try_cast("float64")), else_=ibis.null("float64"))
+    digits = text.re_replace(rf"[^0-9+\-{point}]|-\s*$", "").replace(decimal_separator, ".")
+    negated = ibis.cases((text.startswith("(") | text.endswith("-"), -1.0), else_=1.0)
+    return ibis.cases((written, digits.try_cast("float64") * negated), else_=ibis.null("float64"))
 
 
 def _customer(value: ir.Value) -> ir.StringValue:
