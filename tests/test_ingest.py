@@ -1004,6 +1004,43 @@ def test_a_byte_not_in_the_encoding_names_the_file_and_the_setting(tmp_path, mak
     assert not settings.paths.transactions.exists()
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+def test_a_header_and_lines_ending_in_different_ways_are_read(tmp_path, make_settings, compressed):
+    # CDNOW_sample.txt's layout: the header ends in LF, every line in CR LF.
+    data = (
+        b" master_id sample_id date number_of_cds dollar_value\n"
+        b" 00004 0001 19970101  2   29.33\r\n 00004 0001 19970118  2   29.73\r\n"
+        b" 00018 0002 19970102  2   13.97\r\n"
+    )
+    export = tmp_path / ("sample.txt.gz" if compressed else "sample.txt")
+    export.write_bytes(gzip.compress(data) if compressed else data)
+    columns = {**_line_totals("master_id", "date", "dollar_value"), "quantity": "number_of_cds"}
+    source = {"format": "csv", "csv_delimiter": "whitespace", "ts_format": "%Y%m%d"}
+    settings = make_settings(
+        data={"transactions": {"path": str(export), **source, "columns": columns}}
+    )
+    assert ingest.run(settings.data, settings.paths).rows_kept == 3
+    kept = pd.read_parquet(settings.paths.transactions).sort_values("ts")
+    assert kept["customer_id"].tolist() == ["00004", "00018", "00004"]
+    assert kept["amount"].tolist() == [29.33, 13.97, 29.73]
+    assert kept["quantity"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_lines_ending_in_different_ways_past_the_first_megabyte_are_named(tmp_path, make_settings):
+    export = tmp_path / "b.csv"
+    _long_export(export, "99,1,2021-01-01 10:00:00,1,2.5,P1,UK\n")
+    data = export.read_bytes().replace(b"\n", b"\r\n")
+    export.write_bytes(data + b"100,1,2021-01-01 10:00:00,1,2.5,P1,UK\n" * 2)
+    settings = make_settings(data={"transactions": {"path": str(export)}})
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    assert str(raised.value).startswith(f"{export}: cannot read")
+    assert str(raised.value).endswith(
+        "; its lines end both in CR LF (Windows) and in LF alone (Unix) past its first 1 MB: "
+        "save it again with one kind of line end (e.g. dos2unix)"
+    )
+
+
 def test_a_bad_line_of_an_export_read_from_a_utf8_copy_names_the_export(tmp_path, make_settings):
     _long_export(tmp_path / "b.csv", "99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra\n")
     source = {"path": str(tmp_path / "b.csv"), "csv_encoding": "cp1252"}

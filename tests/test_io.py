@@ -20,6 +20,7 @@ from churn.io import (
     engine_cause,
     expand_inputs,
     map_in_threads,
+    mixed_line_ends,
     parquet_parts,
     read_ahead,
     read_table,
@@ -45,6 +46,26 @@ def test_whitespace_separated_text_splits_on_runs_of_blanks(tmp_path):
         ["00002", "19970112", "5", "77.00"],
         ["00003", "19970102", "<null>", "<null>"],  # too few fields: for ingest to reject
     ]
+
+
+@pytest.mark.parametrize(
+    ("data", "mixed"),
+    [
+        (b"a\r\nb\r\n", False),
+        (b"a\nb\n", False),
+        (b"a\nb\r\n", True),
+        (b"a\r\nb\n", True),
+        # a CR LF split between two blocks of a megabyte is one line end
+        (b"x" * ((1 << 20) - 1) + b"\r\nb\r\n", False),
+        (b"x" * ((1 << 20) - 1) + b"\r\nb\n", True),
+    ],
+)
+def test_mixed_line_ends_are_found_across_blocks(tmp_path, data, mixed):
+    export = tmp_path / "export.csv"
+    export.write_bytes(data)
+    assert mixed_line_ends(export) is mixed
+    # A check of the first bytes reads whole blocks of a megabyte: a second one is not read.
+    assert mixed_line_ends(export, limit=2) is (mixed and len(data) < 10)
 
 
 def test_duckdb_memory_limit_is_applied_and_a_bad_size_is_named():

@@ -218,6 +218,12 @@ CASES = {
         },
         None,
     ),
+    # a header ending in LF, lines in CR LF
+    "line_ends": (
+        "c,t,v\n1,2021-06-01,5\r\n2,2021-06-02,(6)\r\n",
+        {"columns": line_totals("c", "t", "v")},
+        None,
+    ),
     # an order's lines that differ only in an unmapped sku, one of them twice
     "unmapped_column": (
         "order,customer,date,total,sku\n1,A,2021-05-03,9.99,X\n1,A,2021-05-03,9.99,Y\n"

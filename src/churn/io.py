@@ -65,6 +65,9 @@ SPARK_ENCODINGS = {
     "ascii": "us-ascii",
 }
 _UTF8_COPIES: dict[str, Path] = {}  # a UTF-8 copy's path: the export it was made from
+# The bytes at the start of a CSV export checked for lines ending in both CR LF and LF alone,
+# which DuckDB cannot read (a header written by one program, lines by another).
+LINE_END_SAMPLE = 1 << 20
 
 EMPTY_FILE = "empty file (no header); remove it or export it again"
 WHITESPACE = "whitespace"  # data.*.csv_delimiter for fields separated by runs of blanks
@@ -300,6 +303,8 @@ def read_table(
         raise
     except Exception as exc:  # the engines raise many types; the user needs file + reason
         hint = f"; {csv_hint(section, delimiter, encoding)}" if fmt == "csv" else ""
+        if fmt == "csv":
+            hint = line_ends_hint(path) or hint
         raise InputError(f"{path}: cannot read as {fmt}: {engine_cause(str(exc))}{hint}") from exc
 
 
@@ -328,7 +333,8 @@ def excel_sheets(path: Path) -> pd.DataFrame:
 
 def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> tuple[Path, str]:
     """A CSV export and the engine's name of its encoding: itself when the engine reads the
-    encoding, else a UTF-8 copy (of a plain or ``.gz`` export) in a temporary folder.
+    encoding and its first ``LINE_END_SAMPLE`` bytes end lines one way, else a UTF-8 copy
+    with LF line ends (of a plain or ``.gz`` export) in a temporary folder.
 
     Raises
     ------
@@ -337,7 +343,7 @@ def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> 
     """
     name = codecs.lookup(encoding).name
     native = SPARK_ENCODINGS if spark else DUCKDB_ENCODINGS
-    if name in native:
+    if name in native and not mixed_line_ends(path, LINE_END_SAMPLE):
         return path, native[name]
     if path.suffix == ".zst":
         raise InputError(
@@ -347,7 +353,7 @@ def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> 
     copy = Path(_utf8_folder().name) / f"{len(_UTF8_COPIES)}-{path.name.removesuffix('.gz')}"
     opener = gzip.open if path.suffix == ".gz" else open
     with (
-        opener(path, "rt", encoding=encoding, newline="") as source,
+        opener(path, "rt", encoding=encoding, newline=None) as source,
         copy.open("w", encoding="utf-8", newline="") as target,
     ):
         try:
@@ -359,6 +365,46 @@ def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> 
             ) from None
     _UTF8_COPIES[str(copy)] = path
     return copy, "utf-8"
+
+
+def mixed_line_ends(path: Path, limit: int | None = None) -> bool:
+    """Whether a CSV export (plain or ``.gz``) ends some lines with CR LF and others with LF
+    alone, in its first ``limit`` bytes (all of them when None). UTF-16 and ``.zst`` exports
+    are not checked."""
+    if path.suffix == ".zst" or _starts_utf16(path):
+        return False
+    opener = gzip.open if path.suffix == ".gz" else open
+    windows = unix = after_cr = False
+    seen = 0
+    with opener(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            crlf = block.count(b"\r\n") + (after_cr and block.startswith(b"\n"))
+            windows |= crlf > 0
+            unix |= block.count(b"\n") > crlf
+            if windows and unix:
+                return True
+            after_cr, seen = block.endswith(b"\r"), seen + len(block)
+            if limit is not None and seen >= limit:
+                break
+    return False
+
+
+def _starts_utf16(path: Path) -> bool:
+    """Whether an export starts with a UTF-16 byte-order mark."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as stream:
+        return stream.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def line_ends_hint(path: Path | str) -> str:
+    """What to do when a CSV export ends lines in both ways (checked whole); empty when it
+    does not."""
+    path = Path(path)
+    if not path.is_file() or not mixed_line_ends(path):
+        return ""
+    return (
+        "; its lines end both in CR LF (Windows) and in LF alone (Unix) past its first "
+        f"{LINE_END_SAMPLE >> 20} MB: save it again with one kind of line end (e.g. dos2unix)"
+    )
 
 
 @functools.cache
@@ -427,8 +473,10 @@ def reading(con: ibis.BaseBackend, files: Sequence[Path], *, hint: str) -> Itera
         yield
     except read_errors(con) as exc:
         message = str(exc)
-        where = failed_file(message) or ", ".join(map(str, files))
-        raise InputError(f"{where}: cannot read: {engine_cause(message)}; {hint}") from exc
+        named = failed_file(message)
+        where = named or ", ".join(map(str, files))
+        hint = (line_ends_hint(named) if named else "") or f"; {hint}"
+        raise InputError(f"{where}: cannot read: {engine_cause(message)}{hint}") from exc
 
 
 def failed_file(message: str) -> str | None:
