@@ -705,6 +705,64 @@ def test_without_events_an_empty_events_table_is_written(messy_settings):
     assert "events" not in report
 
 
+# --- order status -------------------------------------------------------------------------
+
+# A WooCommerce-style export: a failed payment and two cancelled orders (one of them with a
+# date that does not parse) are no purchases; a refund and an order on hold are.
+STATUSES = """order,customer,date,total,status
+1,A,2021-01-01 10:00,20,Completed
+2,A,2021-01-02 10:00,15, FAILED
+3,B,2021-01-03 10:00,30,cancelled
+4,B,someday,30,Cancelled
+5,B,2021-01-05 10:00,12,Refunded
+6,C,2021-01-06 10:00,8,On hold
+7,C,2021-01-07 10:00,9,
+"""
+
+
+def _status_settings(tmp_path: Path, make_settings, **source: Any):
+    export = tmp_path / "orders.csv"
+    export.write_text(STATUSES)
+    columns = {
+        **_line_totals("customer", "date", "total"),
+        "order_id": "order",
+        "status": "status",
+    }
+    return make_settings(data={"transactions": {"path": str(export), "columns": columns, **source}})
+
+
+def test_lines_with_an_excluded_status_are_no_purchases(tmp_path, make_settings):
+    settings = _status_settings(tmp_path, make_settings)
+    summary = ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert sorted(kept["order_id"]) == ["1", "5", "6", "7"]
+    assert summary.rejected_by_reason == {
+        "missing_customer_id": 0,
+        "unparseable_ts": 0,
+        "implausible_ts": 0,
+        "non_finite_amount": 0,
+        "non_finite_quantity": 0,
+        "excluded_status": 3,
+    }
+    rejects = pd.read_parquet(settings.paths.rejects).set_index("source_order_id")
+    assert rejects["source_status"].to_dict() == {
+        "2": " FAILED",
+        "3": "cancelled",
+        "4": "Cancelled",
+    }
+    report = json.loads(settings.paths.ingest_report.read_text())
+    assert report["reconciles"] is True
+
+
+def test_the_excluded_statuses_are_a_setting(tmp_path, make_settings):
+    settings = _status_settings(tmp_path, make_settings, excluded_statuses=["Refunded", "on hold"])
+    summary = ingest.run(settings.data, settings.paths)
+    kept = pd.read_parquet(settings.paths.transactions)
+    assert sorted(kept["order_id"]) == ["1", "2", "3", "7"]  # 4's date does not parse
+    assert summary.rejected_by_reason["excluded_status"] == 2
+    assert summary.rejected_by_reason["unparseable_ts"] == 1
+
+
 # --- currency -----------------------------------------------------------------------------
 
 CURRENCIES = """Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Currency

@@ -224,6 +224,19 @@ CASES = {
         {"columns": line_totals("c", "t", "v")},
         None,
     ),
+    # a failed payment and a cancelled order (any case, padded) are no purchases
+    "statuses": (
+        "order,customer,date,total,status\n1,A,2021-01-01,20,Completed\n2,A,2021-01-02,15, FAILED\n"
+        "3,B,2021-01-03,30,cancelled\n4,B,2021-01-04,12,Refunded\n5,C,2021-01-05,9,\n",
+        {
+            "columns": {
+                **line_totals("customer", "date", "total"),
+                "order_id": "order",
+                "status": "status",
+            }
+        },
+        None,
+    ),
     # an order's lines that differ only in an unmapped sku, one of them twice
     "unmapped_column": (
         "order,customer,date,total,sku\n1,A,2021-05-03,9.99,X\n1,A,2021-05-03,9.99,Y\n"

@@ -34,6 +34,7 @@ CANONICAL_COLUMNS = (
     "channel",
     "currency",
     "country",
+    "status",
 )
 EVENT_COLUMNS = ("customer_id", "ts", "event_type", "value")
 FORMATS = ("auto", "csv", "parquet", "excel")
@@ -94,6 +95,8 @@ class TransactionSource:
     timezone: str = "UTC"
     reporting_currency: str | None = None
     currency_rates: dict[str, float] = field(default_factory=dict)  # to the reporting currency
+    # Values of columns.status (any case) of lines that are no purchase: left out as rejects.
+    excluded_statuses: tuple[str, ...] = ("cancelled", "canceled", "failed", "voided")
 
     def conversion_rates(self) -> dict[str, float]:
         """Reporting-currency units per unit of each currency code (upper case), itself
@@ -102,6 +105,13 @@ class TransactionSource:
             return {}
         rates = {code.strip().upper(): rate for code, rate in self.currency_rates.items()}
         return {str(self.reporting_currency).strip().upper(): 1.0, **rates}
+
+    def statuses_left_out(self) -> tuple[str, ...]:
+        """The ``excluded_statuses`` trimmed and in lower case; empty when the export has no
+        status column."""
+        if not self.columns.get("status"):
+            return ()
+        return tuple(status.strip().lower() for status in self.excluded_statuses)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ REJECT_REASONS = (
     "non_finite_quantity",
 )
 CURRENCY_REASONS = ("missing_currency", "unknown_currency")  # only with a currency column
+STATUS_REASONS = ("excluded_status",)  # only with a status column
 EVENT_REJECT_REASONS = (
     "missing_customer_id",
     "unparseable_ts",
@@ -413,8 +414,13 @@ def parse_lines(
     return_order_prefix: str | None,
     currency_rates: dict[str, float] | None = None,
     decimal_separator: str = ".",
+    excluded_statuses: tuple[str, ...] = (),
 ) -> ir.Table:
     """Parse text lines into typed canonical columns plus a ``reason`` (null when usable).
+
+    A line whose status, in lower case, is one of ``excluded_statuses`` (lower case, see
+    :meth:`TransactionSource.statuses_left_out`) is no purchase: rejected as
+    ``excluded_status`` before any other check.
 
     A time before ``EARLIEST_TS`` or more than ``FUTURE_SLACK`` after ``run_at`` (the
     moment of the run, naive UTC) is implausible and rejected. Numbers given as text use
@@ -441,7 +447,11 @@ def parse_lines(
     order_id = _text(raw.source_order_id).coalesce(customer.concat("@", _text(raw.source_ts)))
     currency = _text(raw.source_currency).upper()
     currency = ibis.cases((currency == "", ibis.null("string")), else_=currency)
-    checks = [
+    checks = []
+    if excluded_statuses:
+        excluded = _text(raw.source_status).lower().isin(excluded_statuses).fill_null(False)
+        checks.append((excluded, "excluded_status"))
+    checks += [
         (customer.isnull(), "missing_customer_id"),
         (ts.isnull(), "unparseable_ts"),
         (_implausible(ts, run_at), "implausible_ts"),
@@ -718,7 +728,7 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         section="data.transactions",
         keep_repeats=not source.columns.get("order_id"),
     )
-    rates = source.conversion_rates()
+    rates, excluded = source.conversion_rates(), source.statuses_left_out()
     run_at = datetime.now(UTC).replace(tzinfo=None)
     parsed = parse_lines(
         unique,
@@ -726,9 +736,14 @@ def run(data: DataSettings, paths: Paths, *, engine: Engine | None = None) -> In
         run_at=run_at,
         return_order_prefix=source.return_order_prefix,
         currency_rates=rates,
+        excluded_statuses=excluded,
         decimal_separator=source.decimal_separator,
     )
-    reasons = (*REJECT_REASONS, *CURRENCY_REASONS) if rates else REJECT_REASONS
+    reasons = (
+        *REJECT_REASONS,
+        *(CURRENCY_REASONS if rates else ()),
+        *(STATUS_REASONS if excluded else ()),
+    )
     # The first queries over every line: where a lazy engine meets a bad line (Spark fills
     # its cache when the summary reads it).
     with reading(con, files, hint=_read_hint(source, files, section="data.transactions")):
@@ -915,6 +930,7 @@ REASON_SETTINGS = {
     "non_finite_quantity": "{section}.decimal_separator and {section}.columns.quantity",
     "missing_currency": "{section}.columns.currency",
     "unknown_currency": "{section}.currency_rates",
+    "excluded_status": "{section}.excluded_statuses and {section}.columns.status",
     "missing_event_type": "{section}.columns.event_type",
 }
 AMOUNT_COLUMNS = ("amount", "quantity", "unit_price")
