@@ -369,9 +369,9 @@ def engine_readable(path: Path, encoding: str, *, spark: bool, section: str) -> 
 
 def mixed_line_ends(path: Path, limit: int | None = None) -> bool:
     """Whether a CSV export (plain or ``.gz``) ends some lines with CR LF and others with LF
-    alone, in its first ``limit`` bytes (all of them when None). UTF-16 and ``.zst`` exports
-    are not checked."""
-    if path.suffix == ".zst" or _starts_utf16(path):
+    alone, in its first ``limit`` bytes (all of them when None). A ``.zst`` export is not
+    checked; in UTF-16 the bytes of CR LF are never side by side, so none is found mixed."""
+    if path.suffix == ".zst":
         return False
     opener = gzip.open if path.suffix == ".gz" else open
     windows = unix = after_cr = False
@@ -387,12 +387,6 @@ def mixed_line_ends(path: Path, limit: int | None = None) -> bool:
             if limit is not None and seen >= limit:
                 break
     return False
-
-
-def _starts_utf16(path: Path) -> bool:
-    """Whether an export starts with a UTF-16 byte-order mark."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as stream:
-        return stream.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def line_ends_hint(path: Path | str) -> str:
