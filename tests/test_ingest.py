@@ -48,6 +48,14 @@ def _ctv_settings(make_settings, export: Path, **source: Any):
     return make_settings(data={"transactions": {"path": str(export), **source, "columns": columns}})
 
 
+def _refused(settings) -> str:
+    """The message of the :class:`InputError` ingest stops with; nothing is written."""
+    with pytest.raises(InputError) as raised:
+        ingest.run(settings.data, settings.paths)
+    assert not settings.paths.transactions.exists()
+    return str(raised.value)
+
+
 @pytest.fixture
 def messy_settings(tmp_path: Path, make_settings):
     export = tmp_path / "export.csv"
@@ -171,9 +179,7 @@ def test_all_rows_rejected_counts_the_rejected_and_names_the_dominant_setting(
         + "3;7;not a date;1;1;P;UK\n"
     )
     settings = make_settings(data={"transactions": {"path": str(export), "csv_delimiter": ";"}})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     # 5 rows read: 2 duplicates of the first line are removed, not rejected
     assert message.startswith(f"{export}: all 3 rows rejected (and 2 exact duplicates removed)")
     assert "'missing_customer_id': 2, 'unparseable_ts': 1" in message
@@ -253,16 +259,13 @@ def test_old_excel_workbook_is_read_with_its_date_cells(make_settings):
 def test_return_prefix_that_would_make_most_lines_returns_stops_ingest(make_settings):
     # With the default prefix C, three of the four purchases would become returns.
     settings = make_settings(data={"transactions": XLS_EXPORT})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    assert str(raised.value) == (
+    assert _refused(settings) == (
         f"{XLS_EXPORT['path']}: 3 of 4 lines would be returns only because their order id "
         "starts with 'C' (data.transactions.return_order_prefix), e.g. ['CA-2016-138688', "
         "'CA-2016-152156']; their quantity (or amount) is positive. If such "
         "order ids are not returns in this export, set data.transactions.return_order_prefix: "
         "null in params.yaml"
     )
-    assert not settings.paths.transactions.exists()
 
 
 def _sheet(invoices: list[str], **renamed: str) -> pd.DataFrame:
@@ -299,14 +302,11 @@ def test_sheets_with_different_columns_stop_naming_the_sheets(tmp_path, make_set
         _sheet(["1"]).to_excel(book, sheet_name="orders", index=False)
         _sheet(["2"], Price="Unit price").to_excel(book, sheet_name="pivot", index=False)
     settings = make_settings(data={"transactions": {"path": str(export)}})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(f"{export}: its sheets have different columns (sheet 'orders': [")
     assert "sheet 'pivot': ['Invoice', 'Customer ID', 'InvoiceDate', 'Quantity', 'Unit price'" in (
         message
     )
-    assert not settings.paths.transactions.exists()
 
 
 def test_unreadable_file_is_named(tmp_path, make_settings):
@@ -422,15 +422,12 @@ def test_unix_times_in_another_unit_name_the_units(tmp_path, make_settings):
     export = tmp_path / "app.csv"
     export.write_text("c,t,v\n1,1622541600,5\n2,1622541600,5\n")
     settings = _ctv_settings(make_settings, export, ts_format="unix_ms")
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    assert str(raised.value) == (
+    assert _refused(settings) == (
         f"{export}: 2 of 2 rows have no Unix time in the unit of ts_format 'unix_ms' (one "
         "between 1973 and the year 5138), e.g. ['1622541600', '1622541600']; check the unit in "
         "data.transactions.ts_format: unix_s counts seconds, unix_ms milliseconds, unix_us "
         "microseconds"
     )
-    assert not settings.paths.transactions.exists()
 
 
 def test_a_ts_format_with_an_offset_converts_to_the_shop_time_zone(tmp_path, make_settings):
@@ -644,15 +641,12 @@ def test_one_export_in_another_date_format_stops_naming_that_file(tmp_path, make
             }
         }
     )
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(
         f"{tmp_path / 'us.csv'}: 3 of 4 rows have a date that does not parse with ts_format "
         "'%d/%m/%Y %H:%M', e.g. ['01/1"
     )
     assert "uk.csv" not in message
-    assert not settings.paths.transactions.exists()
 
 
 def test_lines_in_two_exports_are_one_line_of_the_first(tmp_path, make_settings):
@@ -941,9 +935,7 @@ def test_a_bad_line_past_the_sniff_sample_names_the_file_and_the_cause(
     (tmp_path / "a.csv").write_text(MESSY.replace(";", ","))
     _long_export(tmp_path / "b.csv", bad_line)
     settings = make_settings(data={"transactions": {"path": str(tmp_path / "*.csv")}})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(f"{tmp_path / 'b.csv'}: cannot read: ")
     assert re.search(r"CSV Error on Line: 25000; .*" + cause, message)
     assert message.endswith(
@@ -951,7 +943,6 @@ def test_a_bad_line_past_the_sniff_sample_names_the_file_and_the_cause(
         "(now 'utf-8') in params.yaml"
     )
     assert "ignore_errors" not in message
-    assert not settings.paths.transactions.exists()
 
 
 def test_a_bad_line_within_the_sniff_sample_is_named_not_taken_for_the_header(
@@ -964,13 +955,10 @@ def test_a_bad_line_within_the_sniff_sample_is_named_not_taken_for_the_header(
         "Invoice,Customer ID,InvoiceDate,Quantity,Price,StockCode,Country\n" + "".join(lines)
     )
     settings = make_settings(data={"transactions": {"path": str(export)}})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(f"{export}: cannot read: ")
     assert re.search(r"CSV Error on Line: 50; Original Line: 99,1,.*,UK,extra; ", message)
     assert "Expected Number of Columns: 7 Found: 8" in message
-    assert not settings.paths.transactions.exists()
 
 
 def test_an_empty_file_in_a_folder_is_named(tmp_path, make_settings):
@@ -1048,13 +1036,10 @@ def test_a_byte_not_in_the_encoding_names_the_file_and_the_setting(tmp_path, mak
     export.write_bytes(CP1252_EXPORT.encode("cp1252").replace(b"P1", b"P\x81"))
     source = {"path": str(export), "csv_delimiter": ";", "csv_encoding": "cp1252"}
     settings = make_settings(data={"transactions": source})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    assert str(raised.value) == (
+    assert _refused(settings) == (
         f"{export}: cannot read as cp1252: character maps to <undefined> (byte 0x81); check "
         "data.transactions.csv_encoding in params.yaml"
     )
-    assert not settings.paths.transactions.exists()
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
@@ -1085,10 +1070,9 @@ def test_lines_ending_in_different_ways_past_the_first_megabyte_are_named(tmp_pa
     data = export.read_bytes().replace(b"\n", b"\r\n")
     export.write_bytes(data + b"100,1,2021-01-01 10:00:00,1,2.5,P1,UK\n" * 2)
     settings = make_settings(data={"transactions": {"path": str(export)}})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    assert str(raised.value).startswith(f"{export}: cannot read")
-    assert str(raised.value).endswith(
+    message = _refused(settings)
+    assert message.startswith(f"{export}: cannot read")
+    assert message.endswith(
         "; its lines end both in CR LF (Windows) and in LF alone (Unix) past its first 1 MB: "
         "save it again with one kind of line end (e.g. dos2unix)"
     )
@@ -1098,9 +1082,7 @@ def test_a_bad_line_of_an_export_read_from_a_utf8_copy_names_the_export(tmp_path
     _long_export(tmp_path / "b.csv", "99,1,2021-01-01 10:00:00,1,2.5,P1,UK,extra\n")
     source = {"path": str(tmp_path / "b.csv"), "csv_encoding": "cp1252"}
     settings = make_settings(data={"transactions": source})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(f"{tmp_path / 'b.csv'}: cannot read: ")
     assert "CSV Error on Line: 25000" in message
     assert "churn-utf8" not in message  # the copy's folder
@@ -1324,16 +1306,13 @@ def test_mostly_non_numeric_amounts_stop_with_examples_and_the_settings(tmp_path
     export = tmp_path / "de.csv"
     _decimal_comma_export(export)
     settings = make_settings(data={"transactions": {"path": str(export)}})
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(
         f"{export}: 199 of 200 rows have no numeric amount (quantity, unit_price), e.g. "
         "[{'quantity': '2', 'unit_price': '5,95'}"
     )
     assert "set data.transactions.decimal_separator: \",\" (now '.')" in message
     assert message.endswith("else check data.transactions.columns in params.yaml")
-    assert not settings.paths.transactions.exists()
 
 
 def _with_line_totals(path: Path, text: str, make_settings):
@@ -1376,9 +1355,7 @@ def test_mostly_non_numeric_quantities_stop_naming_the_quantity(tmp_path, make_s
         "c,t,qty,total\n1,2021-01-01,two,5\n2,2021-01-02,three,5\n3,2021-01-03,1,5\n",
         make_settings,
     )
-    with pytest.raises(InputError) as raised:
-        ingest.run(settings.data, settings.paths)
-    message = str(raised.value)
+    message = _refused(settings)
     assert message.startswith(
         f"{tmp_path / 'orders.csv'}: 2 of 3 rows have no numeric quantity (quantity), e.g. "
     )
