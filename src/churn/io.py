@@ -277,17 +277,19 @@ def read_table(
     try:
         if fmt == "parquet":
             return con.read_parquet(path)
-        if fmt == "csv":
-            path, encoding = engine_readable(path, encoding, spark=is_spark(con), section=section)
+        if fmt == "csv":  # messages name ``path``, the export, never its copy
+            readable, engine_encoding = engine_readable(
+                path, encoding, spark=is_spark(con), section=section
+            )
         if fmt == "csv" and delimiter == WHITESPACE:
-            return _read_whitespace_separated(con, path, encoding)
+            return _read_whitespace_separated(con, readable, engine_encoding)
         if fmt == "csv" and is_spark(con):
             # FAILFAST: a line with a field too many or too few stops the read, as on DuckDB,
             # where Spark's default mode would drop the extra field or pad with nulls.
             table = con.read_csv(
-                str(path),
+                str(readable),
                 sep=delimiter,
-                encoding=encoding,
+                encoding=engine_encoding,
                 inferSchema=False,
                 header=True,
                 mode="FAILFAST",
@@ -296,7 +298,7 @@ def read_table(
                 raise InputError(f"{path}: {EMPTY_FILE}")
             return table
         if fmt == "csv":
-            return _read_csv(con, path, delimiter, encoding)
+            return _read_csv(con, readable, delimiter, engine_encoding)
         frame = excel_sheets(path)
         return materialise(con, f"excel_{abs(hash(path))}", ibis.memtable(frame))
     except InputError:
@@ -485,9 +487,13 @@ def failed_file(message: str) -> str | None:
     found = re.search(r"^\s*file = (.+?)\s*$", message, re.MULTILINE) or re.search(
         r"while reading file (?:file://)?(\S+?)\.?(?:\s|$)", message
     )
-    if not found:
-        return None
-    return str(_UTF8_COPIES.get(found.group(1), found.group(1)))  # a copy names its export
+    return str(export_of(found.group(1))) if found else None
+
+
+def export_of(path: Path | str) -> Path:
+    """The export a file read by an engine stands for: itself, or the export it is a UTF-8
+    copy of (see :func:`engine_readable`)."""
+    return _UTF8_COPIES.get(str(path), Path(path))
 
 
 def _read_csv(con: ibis.BaseBackend, path: Path, delimiter: str, encoding: str) -> ir.Table:
@@ -528,7 +534,7 @@ def csv_header(con: ibis.BaseBackend, path: Path, delimiter: str, encoding: str)
     )
     first = lines.limit(1).to_pyarrow()["line"].to_pylist()
     if not first or first[0] is None:
-        raise InputError(f"{path}: {EMPTY_FILE}")
+        raise InputError(f"{export_of(path)}: {EMPTY_FILE}")
     fields = next(csv.reader([first[0]], delimiter=delimiter))
     names = [field.strip() or f"column{k}" for k, field in enumerate(fields)]
     return [
