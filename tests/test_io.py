@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import ibis
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,6 +22,7 @@ from churn.io import (
     engine_cause,
     expand_inputs,
     map_in_threads,
+    materialise,
     mixed_line_ends,
     parquet_parts,
     read_ahead,
@@ -85,6 +88,19 @@ def test_auto_memory_limit_is_a_quarter_of_the_machines_memory():
     assert unit == "GiB"
     quarter_gib = total_kib / 4 / 2**20
     assert quarter_gib - 0.1 < float(number) <= quarter_gib  # printed cut to one decimal
+
+
+def test_a_table_materialised_clustered_keeps_its_rows_in_that_order():
+    rng = np.random.default_rng(0)
+    n = 300_000  # several row groups, read back by several threads
+    frame = pd.DataFrame(
+        {"customer_id": rng.integers(0, 5_000, n).astype(str), "day": rng.integers(0, 900, n)}
+    )
+    con = connect()
+    kept = materialise(con, "clustered", ibis.memtable(frame), clustered_by=("customer_id", "day"))
+    stored = kept.to_pandas()  # a plain scan, no ORDER BY
+    expected = frame.sort_values(["customer_id", "day"], kind="stable", ignore_index=True)
+    pd.testing.assert_frame_equal(stored, expected)
 
 
 def test_parquet_parts_become_one_file_only_when_the_block_succeeds(tmp_path):

@@ -38,6 +38,8 @@ TREND_DAYS = 90
 # engine's thread schedule, and a rounded feature would then differ from run to run.
 MILLIONTHS = 1_000_000
 ENGAGEMENT_WINDOWS = (30, 90)
+# The order the history's tables are stored in on DuckDB: each customer's rows together.
+CUSTOMER_DAYS = ("customer_id", "day")
 MIN_BTYD_BUYERS = 10  # repeat buyers a snapshot needs before BTYD models are fitted to it
 # BG/NBD's P(alive) is left out: it is exactly 1 for every one-time buyer, so its
 # distribution swings with the share of new customers and fails every drift check.
@@ -154,7 +156,9 @@ class History:
     # Purchase orders: first and last day, value, products, purchase lines, units and unit
     # prices (in MILLIONTHS), whether a line has a positive amount (, online, country).
     orders: ir.Table
-    open_lines: ir.Table  # the purchase lines of orders spanning days, with their last day
+    # The purchase lines of orders spanning days, with their last day; None when no order
+    # does (most exports), so that the cutoffs' queries skip them.
+    open_lines: ir.Table | None
     # Per customer and day with a return line: the value returned (in MILLIONTHS) and the
     # return orders begun that day.
     return_days: ir.Table
@@ -221,12 +225,16 @@ def history(
     named = ibis.util.gen_name("orders")
     with_ids = materialise(con, named, _order_totals(bought))
     spanning = with_ids.filter(with_ids.day < with_ids.last_day)
-    open_lines = bought.inner_join(
-        spanning.select("customer_id", "order_id", "last_day"), ["customer_id", "order_id"]
-    )
-    open_lines = materialise(con, ibis.util.gen_name("open_lines"), open_lines)
+    open_lines = None
+    if int(spanning.count().execute()) > 0:
+        open_lines = bought.inner_join(
+            spanning.select("customer_id", "order_id", "last_day"), ["customer_id", "order_id"]
+        )
+        open_lines = materialise(con, ibis.util.gen_name("open_lines"), open_lines)
     # Order ids are needed no further: the table kept for the cutoffs goes without them.
-    orders = materialise(con, ibis.util.gen_name("orders"), with_ids.drop("order_id"))
+    orders = materialise(
+        con, ibis.util.gen_name("orders"), with_ids.drop("order_id"), clustered_by=CUSTOMER_DAYS
+    )
     release(con, named)
     returns = lines.filter(lines.is_return)
     return_orders = returns.group_by("customer_id", "order_id").agg(day=returns.day.min())
@@ -252,7 +260,9 @@ def history(
         open_lines=open_lines,
         return_days=return_days,
         product_days=materialise(con, ibis.util.gen_name("product_days"), product_days),
-        purchase_days=materialise(con, ibis.util.gen_name("purchase_days"), purchase_days),
+        purchase_days=materialise(
+            con, ibis.util.gen_name("purchase_days"), purchase_days, clustered_by=CUSTOMER_DAYS
+        ),
         first_day=min(starts, default=None),
         engagement=engagement,
         first_event_day=None if pd.isna(first_event_day) else int(first_event_day),
@@ -272,6 +282,8 @@ def purchase_orders(history: History, cutoff: date) -> ir.Table:
     orders = history.orders
     whole = orders.filter(orders.last_day < c).drop("last_day")
     lines = history.open_lines
+    if lines is None:
+        return whole.filter(whole.value > 0)
     lines = lines.filter(lines.day < c, lines.last_day >= c)
     part = _order_totals(lines.drop("last_day")).drop("order_id", "last_day")
     both = ibis.union(whole, part)
@@ -412,12 +424,13 @@ def purchase_day_features(history: History, orders: ir.Table, cutoff: date) -> i
     """
     c = day_number(cutoff)
     open_lines = history.open_lines
-    mixed = open_lines.filter(open_lines.day < c).select("customer_id").distinct()
-    kept = history.purchase_days.filter(history.purchase_days.day < c)
-    days = ibis.union(
-        kept.anti_join(mixed, "customer_id"),
-        _day_gaps(orders.semi_join(mixed, "customer_id")),
-    )
+    days = history.purchase_days.filter(history.purchase_days.day < c)
+    if open_lines is not None:
+        mixed = open_lines.filter(open_lines.day < c).select("customer_id").distinct()
+        days = ibis.union(
+            days.anti_join(mixed, "customer_id"),
+            _day_gaps(orders.semi_join(mixed, "customer_id")),
+        )
     year = days.day >= c - 365
     # The 30-day months before the cutoff, counted without a distinct: a purchase day opens
     # a month when the customer's previous one is in another month or before the year.
@@ -589,8 +602,10 @@ def churn_labels(history: History, cutoff: date, horizon_days: int) -> ir.Table:
     one_day = orders.filter(
         orders.day == orders.last_day, orders.day >= c, orders.day < end, orders.positive
     )
-    spanning = lines.filter(lines.day >= c, lines.day < end, lines.amount > 0)
-    future = ibis.union(one_day.select("customer_id"), spanning.select("customer_id"))
+    future = one_day.select("customer_id")
+    if lines is not None:
+        spanning = lines.filter(lines.day >= c, lines.day < end, lines.amount > 0)
+        future = ibis.union(future, spanning.select("customer_id"))
     return future.distinct().mutate(bought=ibis.literal(1))
 
 
