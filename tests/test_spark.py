@@ -83,10 +83,21 @@ def test_unknown_time_zone_is_named_on_spark(spark_con):
     assert spark_con._session.conf.get("spark.sql.session.timeZone") == "UTC"
 
 
-def test_hand_checked_history_gives_the_duckdb_snapshot(spark_con, tmp_path):
+SPANNING_ROWS = [
+    ("A", "O13", "2021-03-30 12:00", 3.0, "P2"),  # an order spanning the cutoff
+    ("A", "O13", "2021-04-02 12:00", 3.0, "P3"),
+    ("B", "O14", "2021-02-10 23:30", 7.0, "P5"),  # one spanning midnight, before it
+    ("B", "O14", "2021-02-11 00:10", 2.0, "P4"),
+]
+
+
+@pytest.mark.parametrize(
+    "rows", [TINY_ROWS, TINY_ROWS + SPANNING_ROWS], ids=["one_day", "spanning"]
+)
+def test_hand_checked_history_gives_the_duckdb_snapshot(spark_con, tmp_path, rows):
     settings = FeatureSettings(horizon_days=30, windows_days=(30, 90))
     path = tmp_path / "tiny.parquet"
-    tx(TINY_ROWS).to_parquet(path, index=False)
+    tx(rows).to_parquet(path, index=False)
     built = {}
     for name, con in (("duckdb", connect()), ("spark", spark_con)):
         table = features.with_day(con.read_parquet(path))
