@@ -157,7 +157,7 @@ class History:
     # prices (in MILLIONTHS), whether a line has a positive amount (, online, country).
     orders: ir.Table
     # The purchase lines of orders spanning days, with their last day; None when no order
-    # does (most exports), so that the cutoffs' queries skip them.
+    # does (the bundled data, the benchmark's), and the cutoffs' queries leave them out.
     open_lines: ir.Table | None
     # Per customer and day with a return line: the value returned (in MILLIONTHS) and the
     # return orders begun that day.
