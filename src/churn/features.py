@@ -280,14 +280,13 @@ def purchase_orders(history: History, cutoff: date) -> ir.Table:
     cutoff."""
     c = day_number(cutoff)
     orders = history.orders
-    whole = orders.filter(orders.last_day < c).drop("last_day")
+    before = orders.filter(orders.last_day < c).drop("last_day")
     lines = history.open_lines
-    if lines is None:
-        return whole.filter(whole.value > 0)
-    lines = lines.filter(lines.day < c, lines.last_day >= c)
-    part = _order_totals(lines.drop("last_day")).drop("order_id", "last_day")
-    both = ibis.union(whole, part)
-    return both.filter(both.value > 0)
+    if lines is not None:  # orders spanning the cutoff count with their lines before it
+        lines = lines.filter(lines.day < c, lines.last_day >= c)
+        part = _order_totals(lines.drop("last_day")).drop("order_id", "last_day")
+        before = ibis.union(before, part)
+    return before.filter(before.value > 0)
 
 
 def order_features(
