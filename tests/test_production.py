@@ -177,11 +177,11 @@ def test_shifted_population_fails_on_drift_unless_allowed(pipeline, tmp_path):
 
 
 def test_sigkill_mid_write_leaves_previous_list_and_no_partial_file(pipeline, tmp_path):
-    # A scoring snapshot ten times the bundled one, written 20 rows at a time.
+    # A scoring snapshot twice the bundled one, written 20 rows at a time.
     features = tmp_path / "features"
     features.mkdir()
     base = pd.read_parquet(pipeline.settings.paths.features / "score.parquet")
-    big = pd.concat([base.assign(customer_id=base["customer_id"] + f"-{k}") for k in range(10)])
+    big = pd.concat([base.assign(customer_id=base["customer_id"] + f"-{k}") for k in range(2)])
     big.to_parquet(features / "score.parquet")
     shutil.copy(pipeline.settings.paths.features / "spec.json", features / "spec.json")
     out_dir = tmp_path / "scored"
