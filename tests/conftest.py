@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,19 @@ SHARED = ROOT.parent / "shared"
 SAMPLE = ROOT / "data" / "sample"
 # For tests of the wiring (DVC, a tracking server): tuning is tested in test_train_evaluate.
 NO_TUNING = {"train": {"n_trials": 0}}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each pytest-xdist worker its own share of the CPUs. LightGBM, the scoring threads
+    and the commands a worker starts (dvc, churn) size themselves to the CPUs they may use:
+    without a share, every worker starts a thread per CPU and they run against each other."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or workers < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= workers:
+        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: workers])
 
 
 def project_params() -> dict[str, Any]:
